@@ -1,0 +1,1 @@
+"""Crab+: a unified audio-visual LLM recipe built on ilora (arXiv 2603.04128)."""

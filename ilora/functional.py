@@ -1,0 +1,111 @@
+"""Routed-LoRA math in pure PyTorch: the CPU path and the reference the Triton kernels are tested against.
+
+Shapes (the layer's stacked layout, see README "State-dict layout"):
+
+- ``x``:       ``[T, d_in]`` tokens (callers flatten leading dimensions)
+- ``A``:       ``[E_A, d_in, r]`` with ``E_A == 1`` (one A shared by all experts) or ``E_A == E``
+- ``B``:       ``[E, r, d_out]``
+- ``gates``:   ``[T, E]`` dense routing weights (soft routing)
+- ``weights``, ``indices``: ``[T, k]`` top-k routing weights and expert ids
+
+The adapter's contribution is ``delta = scaling * sum_e g_e(x) * (x @ A_e) @ B_e``. Nothing here knows about
+modules, PEFT or routers: gates come in already computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["soft_routed_lora", "topk_routed_lora", "per_row_routed_lora", "check_expert_shapes"]
+
+
+def check_expert_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int, int, int]:
+    """Validate the stacked-expert shapes against ``x``; returns ``(E, r, d_in, d_out)``."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, d_in], got shape {tuple(x.shape)}")
+    if A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"A must be [E_A, d_in, r] and B [E, r, d_out], got {tuple(A.shape)} and {tuple(B.shape)}")
+    E, r, d_out = B.shape
+    if A.shape[0] not in (1, E):
+        raise ValueError(f"A holds {A.shape[0]} experts; expected 1 (shared) or {E} (one per expert of B)")
+    if A.shape[2] != r:
+        raise ValueError(f"rank mismatch: A has r={A.shape[2]}, B has r={r}")
+    if x.shape[1] != A.shape[1]:
+        raise ValueError(f"input width {x.shape[1]} does not match the adapter's d_in={A.shape[1]}")
+    return E, r, A.shape[1], d_out
+
+
+def _shrink_all(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``x @ A_e`` for every expert in one matmul: ``[T, E_A, r]``."""
+    E_A, d_in, r = A.shape
+    if E_A == 1:
+        return (x @ A[0]).unsqueeze(1)
+    return (x @ A.permute(1, 0, 2).reshape(d_in, E_A * r)).view(-1, E_A, r)
+
+
+def soft_routed_lora(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Dense (soft) routing: every expert weighted by ``gates[T, E]``. Returns ``delta [T, d_out]``.
+
+    One shrink matmul for all experts, then ``(h * g)`` flattened to ``[T, E*r]`` against ``B`` viewed as
+    ``[E*r, d_out]``: one expand matmul, no per-expert ``[T, d_out]`` tensor.
+    """
+    E, r, _, d_out = check_expert_shapes(x, A, B)
+    if gates.shape != (x.shape[0], E):
+        raise ValueError(f"gates must be [T={x.shape[0]}, E={E}], got {tuple(gates.shape)}")
+    h = _shrink_all(x, A)  # [T, E_A, r]; broadcasts over experts when A is shared
+    hg = (h * gates.to(h.dtype).unsqueeze(-1)).reshape(x.shape[0], E * r)
+    return (hg @ B.reshape(E * r, d_out)) * scaling
+
+
+def topk_routed_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Sparse routing: token ``t`` goes to experts ``indices[t]`` weighted by ``weights[t]``. Returns ``delta``.
+
+    (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows; only
+    non-empty experts run.
+    """
+    E, r, _, d_out = check_expert_shapes(x, A, B)
+    T = x.shape[0]
+    if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != T:
+        raise ValueError(
+            f"weights and indices must both be [T={T}, k], got {tuple(weights.shape)} and {tuple(indices.shape)}"
+        )
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=E).tolist()
+    if len(counts) > E:
+        raise ValueError(f"indices reference expert {len(counts) - 1}, but only {E} experts exist")
+    w_sorted = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+    shared_h = x @ A[0] if A.shape[0] == 1 else None
+    pieces = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token[start : start + n]
+        h = shared_h[rows] if shared_h is not None else x[rows] @ A[e]
+        pieces.append((h * w_sorted[start : start + n]) @ B[e])
+        start += n
+    y_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, d_out)
+    out = x.new_zeros(T, d_out)
+    return out.index_add(0, token, y_sorted) * scaling
+
+
+def per_row_routed_lora(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One expert per row (task routing with a single expert, serving): ``delta[t] = x[t] A_e B_e``, ``e = expert_ids[t]``."""
+    if expert_ids.shape != (x.shape[0],):
+        raise ValueError(f"expert_ids must be [T={x.shape[0]}], got {tuple(expert_ids.shape)}")
+    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    return topk_routed_lora(x, A, B, ones, expert_ids.unsqueeze(1), scaling)

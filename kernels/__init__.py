@@ -1,0 +1,1 @@
+"""Triton kernels for routed LoRA, installed as ``ilora.kernels``."""

@@ -1,0 +1,82 @@
+"""Per-forward routing state: task ids, the attention mask, and the opt-in routing recorder.
+
+Routed layers sit deep inside models whose code we do not own, so what a router needs besides its input (task ids,
+which tokens are padding) reaches them through this module-level state, set for the duration of one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingRecorder:
+    """Routing weights per layer, gathered while ``record_routing`` is active.
+
+    ``weights[layer_name]`` is a list (one entry per forward) of dense ``[tokens, num_experts]`` float32 CPU tensors
+    (top-k routing is scattered back to dense, zeros for unselected experts).
+    """
+
+    weights: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, layer_name: str, gates: torch.Tensor) -> None:
+        self.weights[layer_name].append(gates.detach().float().cpu())
+
+    def usage(self) -> dict[str, torch.Tensor]:
+        """Mean routing weight per expert for each layer, over every recorded token."""
+        return {name: torch.cat(ws).mean(0) for name, ws in self.weights.items()}
+
+
+@dataclass
+class _State:
+    task_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    recorder: RoutingRecorder | None = None
+    # Sequence routing during cached generation: the decision made on the prompt is kept for the decode steps.
+    reuse_sequence_gates: bool = False
+    sequence_gates: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+STATE = _State()
+
+
+def _as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
+    t = torch.as_tensor(task_ids)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"task_ids must be integers, got dtype {t.dtype}")
+    return t.reshape(-1).long()
+
+
+@contextlib.contextmanager
+def routing_context(
+    task_ids: int | torch.Tensor | list[int] | None = None, attention_mask: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Give every routed layer the task ids (``[batch]`` or one int for all) and/or attention mask of one call.
+
+    Use it around ``model.generate(...)`` or any call that cannot take a ``task_ids=`` keyword.
+    """
+    previous = (STATE.task_ids, STATE.attention_mask)
+    if task_ids is not None:
+        STATE.task_ids = _as_task_tensor(task_ids)
+    if attention_mask is not None:
+        STATE.attention_mask = attention_mask
+    try:
+        yield
+    finally:
+        STATE.task_ids, STATE.attention_mask = previous
+
+
+@contextlib.contextmanager
+def record_routing() -> Iterator[RoutingRecorder]:
+    """Record every routed layer's routing weights while active; no cost when not used."""
+    previous = STATE.recorder
+    STATE.recorder = RoutingRecorder()
+    try:
+        yield STATE.recorder
+    finally:
+        STATE.recorder = previous

@@ -1,0 +1,216 @@
+"""``ILoraModel``: PEFT's tuner for ILoRA: target matching, create-and-replace, adapters, merge and unload.
+
+Everything PEFT >= 0.15 needs is implemented here rather than inherited, because ``BaseTuner`` grew most of these
+methods only in later releases.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper, _get_submodules
+from torch import nn
+
+from ._peft import PREFIX
+from .config import ILoraConfig
+from .context import STATE, routing_context
+from .layer import ILoraLayer, Linear
+
+
+def _cache_length(past_key_values: Any) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    try:
+        return int(past_key_values[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+class ILoraModel(BaseTuner):
+    """Injects ILoRA layers into a model; created by ``peft.get_peft_model`` once ``ilora`` is imported."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ILoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(model, config, adapter_name, **kwargs)
+        self._mask_stack: list[Any] = []
+        self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True)
+        self.model.register_forward_hook(self._release_call_state, always_call=True)
+
+    # ------------------------------------------------------------------------------- per-call routing state
+    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        with routing_context(task_ids=task_ids) if task_ids is not None else nullcontext():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        with routing_context(task_ids=task_ids) if task_ids is not None else nullcontext():
+            return self.model.generate(*args, **kwargs)
+
+    def _capture_call_state(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Sequence routers need the attention mask of this call; decode steps reuse the prompt's decision.
+        self._mask_stack.append(STATE.attention_mask)
+        if kwargs.get("attention_mask") is not None:
+            STATE.attention_mask = kwargs["attention_mask"]
+        decoding = _cache_length(kwargs.get("past_key_values")) > 0
+        STATE.reuse_sequence_gates = decoding
+        if not decoding:
+            STATE.sequence_gates.clear()
+
+    def _release_call_state(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._mask_stack:
+            STATE.attention_mask = self._mask_stack.pop()
+
+    # ------------------------------------------------------------------------------------------ injection
+    @staticmethod
+    def _prepare_adapter_config(peft_config: ILoraConfig, model_config: dict) -> ILoraConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+                raise ValueError(
+                    f"ILoraConfig.target_modules must be given: no default targets are known for model type "
+                    f"{model_type!r}"
+                )
+            peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: ILoraConfig, key: str) -> Any:
+        return check_target_module_exists(peft_config, key)
+
+    def _create_and_replace(
+        self,
+        peft_config: ILoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, ILoraLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        try:
+            new_module = Linear(target, adapter_name, peft_config)
+        except TypeError as err:
+            raise TypeError(f"cannot adapt module {current_key!r}: {err}") from None
+        new_module.ilora_name = current_key
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+
+    # ------------------------------------------------------------------------------------ adapter management
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
+    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
+        for module in self.model.modules():
+            if isinstance(module, ILoraLayer):
+                if module.merged:
+                    warnings.warn("an adapter is merged: unmerging it before switching adapters", stacklevel=2)
+                    module.unmerge()
+                module.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {sorted(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        remaining: list[str] = []
+        for module in self.model.modules():
+            if isinstance(module, ILoraLayer):
+                module.delete_adapter(adapter_name)
+                remaining = module.active_adapters
+        self.active_adapter = remaining or (sorted(self.peft_config)[:1] if self.peft_config else [])
+
+    # ------------------------------------------------------------------------------------- merge and unload
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        task_id: int | None = None,
+    ) -> nn.Module:
+        """Fold the adapters into the base weights and return the base model.
+
+        Exact for one expert, and for task routing given ``task_id`` (that task's experts are folded in). Token and
+        sequence routing depend on each input: those raise ``MergeNotSupportedError`` (see ``ilora.export_to_lora``).
+        """
+        with routing_context(task_ids=task_id) if task_id is not None else nullcontext():
+            self._check_mergeable(adapter_names)
+            return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters and return the untouched base model."""
+        return self._unload_and_optionally_merge(merge=False)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        for module in self.model.modules():
+            if isinstance(module, ILoraLayer):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        # Fail before touching any weight, so a refused merge leaves the model as it was.
+        for module in self.model.modules():
+            if isinstance(module, ILoraLayer):
+                for name in adapter_names or module.active_adapters:
+                    if name in module.ilora_A:
+                        module._fixed_gates(name)
+                break
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None, **_: Any
+    ) -> nn.Module:
+        keys = [key for key, _ in self.model.named_modules() if PREFIX not in key]
+        for key in keys:
+            try:
+                parent, target, target_name = _get_submodules(self.model, key)
+            except AttributeError:
+                continue
+            if isinstance(target, ILoraLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                replacement = (
+                    target.unload_and_optionally_merge_module(merge=merge, safe_merge=safe_merge, adapter_names=None)
+                    if hasattr(target, "unload_and_optionally_merge_module")
+                    else target.modules_to_save[target.active_adapter]
+                )
+                setattr(parent, target_name, replacement)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+
+def ilora_layers(model: nn.Module) -> list[ILoraLayer]:
+    """Every routed layer of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, ILoraLayer)]
+
+
+__all__ = ["ILoraModel", "ilora_layers"]

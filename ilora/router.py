@@ -1,0 +1,149 @@
+"""Routers (token, sequence, task) and the gates that turn their logits into routing weights.
+
+A router maps a routed layer's input ``x [..., d_in]`` to float32 logits ``[tokens, E]``, one row per token of the
+flattened input; sequence and task routers make one decision per sequence and repeat it over its tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .context import STATE
+
+
+class TokenRouter(nn.Module):
+    """Per-token logits ``x @ weight`` with ``weight [d_in, E]`` (the authors' ``lora_route``, transposed)."""
+
+    def __init__(self, d_in: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default (kaiming-uniform, a=sqrt(5)) as the authors use: bound 1/sqrt(fan_in).
+        bound = 1.0 / math.sqrt(self.weight.shape[0])
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.reshape(-1, x.shape[-1]).to(self.weight.dtype) @ self.weight).float()
+
+
+class SequenceRouter(TokenRouter):
+    """One decision per sequence from the mean of its (unmasked) tokens.
+
+    For ``x [batch, seq, d_in]`` the model's attention mask (captured per call, see ``ilora.context``) selects the
+    tokens; its last ``seq`` columns are used so cached decode steps line up. A 2-D input is a set of independent
+    rows, each its own sequence. During cached generation the decision taken on the prompt is kept for the decode
+    steps, so a sequence keeps its experts while it is generated.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            return super().forward(x)
+        key = id(self)
+        cached = STATE.sequence_gates.get(key)
+        batch, seq = x.shape[0], math.prod(x.shape[1:-1])
+        if STATE.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
+            return cached.repeat_interleave(seq, dim=0)
+        xs = x.reshape(batch, seq, x.shape[-1]).to(self.weight.dtype)
+        mask = STATE.attention_mask
+        if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+            m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
+            pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = xs.mean(1)
+        logits = (pooled @ self.weight).float()
+        STATE.sequence_gates[key] = logits.detach()
+        return logits.repeat_interleave(seq, dim=0)
+
+
+class TaskRouter(nn.Module):
+    """A learned logit table ``weight [num_tasks, E]`` indexed by the task ids of the current call."""
+
+    def __init__(self, num_tasks: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_tasks, num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Random, not zero: with zero logits and zero B every expert would receive identical updates forever.
+        nn.init.normal_(self.weight, std=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = STATE.task_ids
+        if ids is None:
+            raise ValueError(
+                "this adapter routes by task (router='task') but no task ids were given: pass task_ids=... to the "
+                "model's forward, or wrap the call in ilora.routing_context(task_ids=...)"
+            )
+        rows = self.task_logits(ids.to(self.weight.device))
+        tokens, n = math.prod(x.shape[:-1]), rows.shape[0]
+        if n == 1:
+            return rows.expand(tokens, -1)
+        if not ((x.dim() >= 3 and n == x.shape[0]) or (x.dim() == 2 and n == tokens)):
+            raise ValueError(
+                f"got {n} task ids for an input of shape {tuple(x.shape)}: give one id per batch row "
+                "(or one per row of a 2-D input, or a single id for all)"
+            )
+        per_row = tokens // n
+        return rows.repeat_interleave(per_row, dim=0)
+
+    def task_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[len(ids), E]`` for the given task ids, range-checked."""
+        num_tasks = self.weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
+            raise ValueError(f"task ids must be in [0, {num_tasks}), got {ids.tolist()}")
+        return self.weight[ids].float()
+
+
+def build_router(kind: str, d_in: int, num_experts: int, num_tasks: int | None) -> nn.Module:
+    if kind == "token":
+        return TokenRouter(d_in, num_experts)
+    if kind == "sequence":
+        return SequenceRouter(d_in, num_experts)
+    if kind == "task":
+        assert num_tasks is not None  # validated by ILoraConfig
+        return TaskRouter(num_tasks, num_experts)
+    raise ValueError(f"unknown router kind {kind!r}")
+
+
+@dataclass
+class Gates:
+    """Routing weights of one forward: dense ``[T, E]`` (soft) or ``weights``/``indices`` ``[T, k]`` (top-k)."""
+
+    dense: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+    def to_dense(self, num_experts: int) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        assert self.weights is not None and self.indices is not None
+        out = self.weights.new_zeros(self.weights.shape[0], num_experts)
+        return out.scatter(1, self.indices, self.weights)
+
+
+def gate(logits: torch.Tensor, routing: str, top_k: int, temperature: float) -> Gates:
+    """Turn float32 logits ``[T, E]`` into routing weights (float32)."""
+    scaled = logits / temperature
+    if routing == "soft":
+        return Gates(dense=torch.softmax(scaled, dim=-1))
+    probs = torch.softmax(scaled, dim=-1)
+    values, indices = probs.topk(top_k, dim=-1)
+    if top_k > 1:  # Mixtral: renormalize over the chosen experts
+        values = values / values.sum(-1, keepdim=True)
+    # top-1 keeps the router probability (Switch), else the weight would be a constant 1 and the router never learn.
+    return Gates(weights=values, indices=indices)
+
+
+def check_finite(logits: torch.Tensor, layer_name: str) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        bad = (~torch.isfinite(logits)).any(-1).nonzero().flatten()[:8].tolist()
+        raise FloatingPointError(
+            f"router of {layer_name or 'an ilora layer'} produced non-finite logits (NaN or inf) for tokens {bad}: "
+            "check the layer's input and the router weights"
+        )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["soft_routed_lora", "topk_routed_lora", "per_row_routed_lora", "check_expert_shapes"]
+__all__ = ["check_expert_shapes", "per_row_routed_lora", "soft_routed_lora", "topk_routed_lora"]
 
 
 def check_expert_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int, int, int]:
@@ -72,7 +72,7 @@ def topk_routed_lora(
     (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows; only
     non-empty experts run.
     """
-    E, r, _, d_out = check_expert_shapes(x, A, B)
+    E, _, _, d_out = check_expert_shapes(x, A, B)
     T = x.shape[0]
     if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != T:
         raise ValueError(
@@ -104,7 +104,7 @@ def topk_routed_lora(
 def per_row_routed_lora(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """One expert per row (task routing with a single expert, serving): ``delta[t] = x[t] A_e B_e``, ``e = expert_ids[t]``."""
+    """One expert per row (task routing, serving): ``delta[t] = x[t] A_e B_e`` with ``e = expert_ids[t]``."""
     if expert_ids.shape != (x.shape[0],):
         raise ValueError(f"expert_ids must be [T={x.shape[0]}], got {tuple(expert_ids.shape)}")
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)

@@ -18,7 +18,6 @@ from .context import STATE
 from .losses import balance_loss, z_loss
 from .router import build_router, check_finite, gate
 
-
 # Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
 PER_ROW_MAX_TOKENS = 64
 
@@ -221,4 +220,6 @@ def _refuse_partial_adapter(module: ILoraLayer, state_dict: dict, prefix: str, *
         keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", f"{prefix}ilora_router.{name}.weight")
         missing = [k for k in keys if k not in state_dict]
         if missing and len(missing) < len(keys):
-            raise KeyError(f"checkpoint for ilora adapter {name!r} of {module.ilora_name} is incomplete: missing {missing}")
+            raise KeyError(
+                f"checkpoint of ilora adapter {name!r} for {module.ilora_name} is incomplete: missing {missing}"
+            )

@@ -1,0 +1,281 @@
+"""Turn a ``Sample`` (frames, audio, instruction, target) into model inputs, and pad a list of them into a batch.
+
+The prompt is the Qwen chat format::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{media}{instruction}<|im_end|>\\n<|im_start|>assistant\\n
+
+followed, in training, by ``{target}<|im_end|>``; labels cover only those target tokens (``-100`` elsewhere). With an
+empty target the prompt ends with the assistant header open, ready for ``generate``. ``{media}`` is
+``<|vision_bos|>`` + video (or image, for a single frame) placeholders + ``<|vision_eos|>``, then ``<|audio_bos|>`` +
+audio placeholders + ``<|audio_eos|>``, each placeholder expanded to exactly the number of features the model
+injects there; the expanded counts are checked.
+
+- ``OmniProcessor`` (Qwen2.5-Omni thinker): frames resized with Qwen2-VL's ``smart_resize``, normalized with the CLIP
+  mean/std and patched as the Qwen2-VL processor does (temporal patch 2, patch 14, merge 2), without torchvision;
+  audio through ``WhisperFeatureExtractor`` (128 mel bins).
+- ``ModularProcessor`` (the Crab paradigm): frames -> CLIP/SigLIP ``pixel_values``, audio -> Whisper features over the
+  encoder's fixed window; each medium takes ``num_queries`` placeholders (the Q-Former's outputs).
+
+``processor(sample)`` returns a dict of tensors for one sample; ``processor.collate(items, padding_side=...)`` pads
+them into a batch (``"left"`` for batched generation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from .models.tokenizer import SPECIAL, special_token_ids
+from .sample import AUDIO_SAMPLE_RATE, Sample
+
+IGNORE_INDEX = -100
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OMNI_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+    "visual inputs, as well as generating text and speech."
+)
+
+
+@dataclass
+class ProcessorConfig:
+    """Media and prompt settings; the defaults follow Crab+ (224x224 frames, 16 kHz audio, Omni's system prompt)."""
+
+    system_prompt: str = OMNI_SYSTEM_PROMPT
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+    fps: float = 2.0
+    """Frame rate of ``Sample.frames`` when ``meta["fps"]`` is absent (the Omni processor's default)."""
+    max_audio_seconds: float = 300.0
+    """Longer audio is truncated, as Omni's feature extractor does (its 300 s window)."""
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of ``factor``, area within ``[min_pixels, max_pixels]``."""
+    if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
+        raise ValueError(f"frame size {height}x{width} is empty or has an aspect ratio above 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_normalize(frames: np.ndarray, size: tuple[int, int], mean, std) -> np.ndarray:
+    """``[F, H, W, 3]`` uint8 -> ``[F, 3, h, w]`` float32: PIL bicubic, ``/255``, ``(x - mean) / std``.
+
+    The same operations, in the same precision, as the transformers PIL image processors.
+    """
+    h, w = size
+    out = []
+    for frame in frames:
+        if frame.shape[:2] != (h, w):
+            frame = np.asarray(Image.fromarray(frame).resize((w, h), resample=Image.Resampling.BICUBIC))
+        out.append(frame)
+    x = (np.stack(out).astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def qwen_patchify(video: np.ndarray, patch: int, temporal_patch: int, merge: int) -> tuple[np.ndarray, list[int]]:
+    """``[F, C, H, W]`` -> ``([t*h*w, C*tp*p*p], [t, h, w])`` in the Qwen2-VL order (merge windows contiguous).
+
+    Frames are padded to a multiple of the temporal patch by repeating the last one, as the reference does.
+    """
+    if pad := -video.shape[0] % temporal_patch:
+        video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+    F, C, H, W = video.shape
+    t, h, w = F // temporal_patch, H // patch, W // patch
+    x = video.reshape(t, temporal_patch, C, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(t * h * w, C * temporal_patch * patch * patch)), [t, h, w]
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"Sample.frames must be [F, H, W, 3] with F >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"Sample.frames must be uint8 RGB, got dtype {frames.dtype}")
+    return frames
+
+
+def _check_audio(audio: np.ndarray) -> np.ndarray:
+    if audio.ndim != 1 or audio.shape[0] == 0:
+        raise ValueError(f"Sample.audio must be a non-empty mono waveform [n], got shape {audio.shape}")
+    return audio.astype(np.float32, copy=False)
+
+
+class ChatProcessor:
+    """Prompt building, label masking and batching shared by both paradigms; subclasses turn media into tensors."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ProcessorConfig | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or ProcessorConfig()
+        self.ids = special_token_ids(tokenizer)
+        self.pad_id = self.ids["pad"]
+        self.eos_id = self.ids["im_end"]
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _media(self, sample: Sample) -> tuple[list[int], dict[str, torch.Tensor], dict[int, int]]:
+        """Placeholder ids, the media tensors, and the expected count per placeholder token id."""
+        raise NotImplementedError
+
+    def __call__(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """One sample's inputs; ``labels`` only when ``sample.target`` is non-empty (training)."""
+        media_ids, tensors, expected = self._media(sample)
+        S = SPECIAL
+        prompt = (
+            self._enc(f"{S.im_start}system\n{self.config.system_prompt}{S.im_end}\n{S.im_start}user\n")
+            + media_ids
+            + self._enc(f"{sample.instruction}{S.im_end}\n{S.im_start}assistant\n")
+        )
+        ids = prompt
+        if sample.target:
+            ids = prompt + self._enc(sample.target) + [self.eos_id]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        for token_id, want in expected.items():
+            got = int((input_ids == token_id).sum())
+            if got != want:
+                name = self.tokenizer.convert_ids_to_tokens(token_id)
+                raise ValueError(
+                    f"sample {sample.meta or sample.subset!r}: {got} {name} placeholders for {want} features "
+                    "(does the instruction or target contain placeholder tokens?)"
+                )
+        out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if sample.target:
+            labels = input_ids.clone()
+            labels[: len(prompt)] = IGNORE_INDEX
+            out["labels"] = labels
+        return {**out, **tensors}
+
+    def collate(self, items: list[dict[str, torch.Tensor]], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad token sequences (``padding_side`` "right" for training, "left" for batched generation) and
+        concatenate media tensors in sample order."""
+        if not items:
+            raise ValueError("collate got an empty list")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        has_labels = {"labels" in it for it in items}
+        if len(has_labels) != 1:
+            raise ValueError("collate got a mix of training items (with labels) and inference items (without)")
+        length = max(len(it["input_ids"]) for it in items)
+        fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in ("input_ids", "attention_mask", "labels"):
+            if key not in items[0]:
+                continue
+            rows = []
+            for it in items:
+                pad = torch.full((length - len(it[key]),), fill[key], dtype=torch.long)
+                rows.append(torch.cat([pad, it[key]] if padding_side == "left" else [it[key], pad]))
+            batch[key] = torch.stack(rows)
+        batch.update(self._collate_media(items))
+        return batch
+
+    def _collate_media(self, items: list[dict[str, torch.Tensor]], skip=()) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        keys = {k for it in items for k in it} - {"input_ids", "attention_mask", "labels", *skip}
+        for key in sorted(keys):
+            parts = [it[key] for it in items if key in it]
+            out[key] = torch.cat(parts)
+        return out
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        """Text of generated ids, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class OmniProcessor(ChatProcessor):
+    """Inputs of ``Qwen2_5OmniThinkerForConditionalGeneration`` (see the module docstring)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_config, config: ProcessorConfig | None = None):
+        super().__init__(tokenizer, config)
+        vision = model_config.vision_config
+        self.patch, self.temporal_patch = vision.patch_size, vision.temporal_patch_size
+        self.merge = vision.spatial_merge_size
+        self.feature_extractor = WhisperFeatureExtractor(
+            feature_size=model_config.audio_config.num_mel_bins,
+            sampling_rate=AUDIO_SAMPLE_RATE,
+            hop_length=160,
+            n_fft=400,
+            chunk_length=int(math.ceil(self.config.max_audio_seconds)),
+            return_attention_mask=True,
+        )
+
+    def video_inputs(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """Patches ``[t*h*w, 3*2*14*14]`` and grid ``[t, h, w]`` of one clip (or one image, F == 1)."""
+        frames = _check_frames(frames)
+        size = smart_resize(*frames.shape[1:3], self.patch * self.merge, self.config.min_pixels, self.config.max_pixels)
+        video = resize_normalize(frames, size, CLIP_MEAN, CLIP_STD)
+        return qwen_patchify(video, self.patch, self.temporal_patch, self.merge)
+
+    def audio_inputs(self, audio: np.ndarray) -> np.ndarray:
+        """Log-mel features ``[mel, frames]`` of the valid frames only.
+
+        Padding past ``n_fft`` samples beyond the end leaves the valid frames equal to Omni's 300 s padding, so
+        the extractor pads only that far.
+        """
+        audio = _check_audio(audio)[: self.feature_extractor.n_samples]
+        fe = self.feature_extractor
+        max_length = min(fe.n_samples, math.ceil(len(audio) / fe.hop_length) * fe.hop_length + fe.n_fft)
+        feats = fe(
+            audio, sampling_rate=AUDIO_SAMPLE_RATE, padding="max_length", max_length=max_length,
+            return_attention_mask=True, return_tensors="np",
+        )  # fmt: skip
+        valid = int(feats["attention_mask"][0].sum())
+        return feats["input_features"][0][:, :valid]
+
+    @staticmethod
+    def audio_token_count(num_frames: int) -> int:
+        """Audio tower outputs for ``num_frames`` mel frames (conv stride 2, then average pooling by 2)."""
+        return ((num_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+    def _media(self, sample: Sample):
+        ids, tensors, expected = [], {}, {}
+        if sample.frames is not None:
+            patches, grid = self.video_inputs(sample.frames)
+            is_image = sample.frames.shape[0] == 1
+            n = grid[0] * grid[1] * grid[2] // self.merge**2
+            token = self.ids["image" if is_image else "video"]
+            ids += [self.ids["vision_bos"], *[token] * n, self.ids["vision_eos"]]
+            expected[token] = n
+            if is_image:
+                tensors["pixel_values"] = torch.from_numpy(patches)
+                tensors["image_grid_thw"] = torch.tensor([grid])
+            else:
+                fps = float(sample.meta.get("fps", self.config.fps))
+                tensors["pixel_values_videos"] = torch.from_numpy(patches)
+                tensors["video_grid_thw"] = torch.tensor([grid])
+                tensors["video_second_per_grid"] = torch.tensor([self.temporal_patch / fps], dtype=torch.float32)
+        if sample.audio is not None:
+            feats = self.audio_inputs(sample.audio)
+            n = self.audio_token_count(feats.shape[1])
+            ids += [self.ids["audio_bos"], *[self.ids["audio"]] * n, self.ids["audio_eos"]]
+            expected[self.ids["audio"]] = n
+            tensors["input_features"] = torch.from_numpy(feats)
+            tensors["feature_attention_mask"] = torch.ones(feats.shape[1], dtype=torch.long)
+        return ids, tensors, expected
+
+    def _collate_media(self, items, skip=()):
+        out = super()._collate_media(items, skip={"input_features", "feature_attention_mask"})
+        audio = [it["input_features"] for it in items if "input_features" in it]
+        if audio:
+            length = max(f.shape[1] for f in audio)
+            feats = torch.zeros(len(audio), audio[0].shape[0], length)
+            mask = torch.zeros(len(audio), length, dtype=torch.long)
+            for i, f in enumerate(audio):
+                feats[i, :, : f.shape[1]] = f
+                mask[i, : f.shape[1]] = 1
+            out["input_features"], out["feature_attention_mask"] = feats, mask
+        return out

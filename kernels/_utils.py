@@ -1,0 +1,200 @@
+"""Shared pieces of the routed-LoRA kernels: the optional Triton import, lazy kernel compilation and a strided GEMM.
+
+The GEMM computes ``c[M, N] = alpha * (a[M, K] * gate) @ b[K, N] (+ base)`` in fp32. Its K and N axes may be
+*stacked experts*: index ``i`` addresses ``(i // R) * outer + (i % R) * inner``. That reads ``A[E_A, d_in, r]`` as a
+``[d_in, E_A * r]`` matrix (and its transpose) without a copy, and with ``outer = 0`` broadcasts one shared ``h[T, r]``
+over all experts. The optional gate multiplies ``a[m, k]`` by ``gate[m, k // R]``: the per-token expert weight.
+Nothing is saved here; the op files decide what autograd keeps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is an optional extra: the package must import without it
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+_TL_DTYPES = {}
+if HAS_TRITON:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (read at launch time, not at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class kernel:  # noqa: N801 (used as a decorator, like triton.jit)
+    """``triton.jit`` deferred to the first launch.
+
+    ``triton.jit`` decides between compiled and interpreted execution when it decorates, so decorating at import would
+    freeze whatever ``TRITON_INTERPRET`` held when some earlier code imported this package. Compiling per mode on
+    launch honours the variable whenever it is set, and lets the package import without triton.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._by_mode = {}
+
+    def __getitem__(self, grid):
+        if not HAS_TRITON:
+            raise RuntimeError("ilora.kernels needs triton: pip install 'ilora[triton]'")
+        mode = interpreting()
+        if mode not in self._by_mode:
+            self._by_mode[mode] = triton.jit(self.fn)
+        return self._by_mode[mode][grid]
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a buffer that a kernel fully overwrites (tests replace this to poison buffers with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand dtype of ``tl.dot``: fp32 in the interpreter (its bf16 arithmetic is wrong) and for fp32 inputs,
+    else the 16-bit input dtype so tensor cores run with fp32 accumulation."""
+    if interpreting() or dtype not in (torch.float16, torch.bfloat16):
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def block(n: int, cap: int) -> int:
+    """Power-of-two tile edge covering ``n`` up to ``cap`` (at least 16, the smallest ``tl.dot`` tile)."""
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def tile_cap() -> int:
+    """The interpreter pays per program and per op, not per element: larger tiles there keep tests fast."""
+    return 128 if interpreting() else 64
+
+
+@kernel
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, g_ptr, base_ptr,
+    M, N, K, RK, RN, alpha,
+    s_am, s_ak_o, s_ak_i,
+    s_bk_o, s_bk_i, s_bn_o, s_bn_i,
+    s_cm, s_cn_o, s_cn_i,
+    s_gm, s_ge, s_basem, s_basen,
+    HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    b_n = (rn // RN) * s_bn_o + (rn % RN) * s_bn_i
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        ke = rk // RK
+        kr = rk % RK
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_ptr + rm[:, None] * s_am + (ke * s_ak_o + kr * s_ak_i)[None, :], mask=a_mask, other=0.0)
+        a = a.to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(g_ptr + rm[:, None] * s_gm + ke[None, :] * s_ge, mask=a_mask, other=0.0)
+            a = a * g.to(tl.float32)
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(b_ptr + (ke * s_bk_o + kr * s_bk_i)[:, None] + b_n[None, :], mask=b_mask, other=0.0)
+        b = b.to(tl.float32)
+        if DOT == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(DOT), b.to(DOT), acc)
+    acc = acc * alpha
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BASE:
+        base = tl.load(base_ptr + rm[:, None] * s_basem + rn[None, :] * s_basen, mask=c_mask, other=0.0)
+        acc += base.to(tl.float32)
+    c_n = (rn // RN) * s_cn_o + (rn % RN) * s_cn_i
+    tl.store(c_ptr + rm[:, None] * s_cm + c_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def matmul(
+    a: torch.Tensor,
+    a_strides: tuple[int, int, int],
+    b: torch.Tensor,
+    b_strides: tuple[int, int, int, int],
+    c: torch.Tensor,
+    c_strides: tuple[int, int, int],
+    M: int,
+    N: int,
+    K: int,
+    *,
+    rk: int = 1,
+    rn: int = 1,
+    alpha: float = 1.0,
+    gate: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    compute: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Write ``alpha * (a * gate) @ b + base`` into ``c``; returns ``c``.
+
+    Strides: ``a`` as ``(m, k_outer, k_inner)``, ``b`` as ``(k_outer, k_inner, n_outer, n_inner)``, ``c`` as
+    ``(m, n_outer, n_inner)``, where a stacked index ``i`` of the K (or N) axis addresses
+    ``(i // rk) * outer + (i % rk) * inner`` (``rn`` for N); a plain axis passes ``r = 1`` and ``inner = 0``.
+    ``gate`` is ``[M, K // rk]``, ``base`` ``[M, N]``; ``compute`` is the dtype whose ``dot_dtype`` feeds ``tl.dot``.
+    """
+    if M == 0 or N == 0:
+        return c
+    cap = tile_cap()
+    bm, bn, bk = block(M, cap), block(N, cap), block(K, cap // 2)
+    dummy = c
+    gate_t = gate if gate is not None else dummy
+    base_t = base if base is not None else dummy
+    _mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        a, b, c, gate_t, base_t,
+        M, N, K, rk, rn, float(alpha),
+        *a_strides, *b_strides, *c_strides,
+        *(gate.stride() if gate is not None else (0, 0)),
+        *(base.stride() if base is not None else (0, 0)),
+        HAS_GATE=gate is not None, HAS_BASE=base is not None, DOT=dot_dtype(compute),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return c
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``h[T, E_A * r] = x @ A_e`` for every expert of ``A[E_A, d_in, r]`` in one GEMM, kept in fp32."""
+    T, d_in = x.shape
+    E_A, _, r = A.shape
+    h = empty((T, E_A * r), torch.float32, x.device)
+    return matmul(
+        x, (x.stride(0), x.stride(1), 0),
+        A, (A.stride(1), 0, A.stride(0), A.stride(2)),
+        h, (h.stride(0), r, 1),
+        T, E_A * r, d_in, rn=r, compute=x.dtype,
+    )  # fmt: skip
+
+
+def shrink_backward(
+    x: torch.Tensor, A: torch.Tensor, dh: torch.Tensor, compute: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`shrink` from ``dh[T, E_A * r]`` (contiguous): ``dx = dh @ A^T`` and ``dA = x^T @ dh``."""
+    T, d_in = x.shape
+    E_A, _, r = A.shape
+    dx = empty((T, d_in), x.dtype, x.device)
+    matmul(
+        dh, (dh.stride(0), r, 1),
+        A, (A.stride(0), A.stride(2), A.stride(1), 0),
+        dx, (dx.stride(0), dx.stride(1), 0),
+        T, d_in, E_A * r, rk=r, compute=compute,
+    )  # fmt: skip
+    dA = empty(tuple(A.shape), A.dtype, A.device)
+    matmul(
+        x, (x.stride(1), x.stride(0), 0),
+        dh, (dh.stride(0), 0, r, 1),
+        dA, (dA.stride(1), dA.stride(0), dA.stride(2)),
+        d_in, E_A * r, T, rn=r, compute=compute,
+    )  # fmt: skip
+    return dx, dA

@@ -17,12 +17,28 @@ __all__ = [
     "ILoraConfig",
     "ILoraLayer",
     "ILoraModel",
+    "ILoraTrainer",
     "Linear",
+    "LoraExport",
     "MergeNotSupportedError",
     "RoutingRecorder",
     "aux_loss",
+    "export_to_lora",
     "ilora_layers",
     "record_routing",
     "routing_context",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported lazily: they pull in transformers' Trainer and PEFT's LoRA, which plain users never need.
+    if name in ("export_to_lora", "LoraExport"):
+        from . import export
+
+        return getattr(export, name)
+    if name == "ILoraTrainer":
+        from .integrations.transformers import ILoraTrainer
+
+        return ILoraTrainer
+    raise AttributeError(f"module 'ilora' has no attribute {name!r}")

@@ -41,8 +41,10 @@ class ILoraModel(BaseTuner):
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
         self._mask_stack: list[Any] = []
-        self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True)
-        self.model.register_forward_hook(self._release_call_state, always_call=True)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True),
+            self.model.register_forward_hook(self._release_call_state, always_call=True),
+        ]
 
     # ------------------------------------------------------------------------------- per-call routing state
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
@@ -205,6 +207,8 @@ class ILoraModel(BaseTuner):
                 setattr(parent, target_name, replacement)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
+        for hook in self._hooks:
+            hook.remove()
         return self.model
 
 

@@ -1,6 +1,6 @@
 """Routers (token, sequence, task) and the gates that turn their logits into routing weights.
 
-A router maps a routed layer's input ``x [..., d_in]`` to float32 logits ``[tokens, E]``, one row per token of the
+A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]`` (at least float32), one row per token of the
 flattened input; sequence and task routers make one decision per sequence and repeat it over its tokens.
 """
 
@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 from .context import STATE
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    # Routing in half precision flips top-k choices and saturates softmax; the authors route in float32 too.
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class TokenRouter(nn.Module):
@@ -29,7 +34,7 @@ class TokenRouter(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.reshape(-1, x.shape[-1]).to(self.weight.dtype) @ self.weight).float()
+        return _at_least_fp32(x.reshape(-1, x.shape[-1]).to(self.weight.dtype) @ self.weight)
 
 
 class SequenceRouter(TokenRouter):
@@ -56,7 +61,7 @@ class SequenceRouter(TokenRouter):
             pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             pooled = xs.mean(1)
-        logits = (pooled @ self.weight).float()
+        logits = _at_least_fp32(pooled @ self.weight)
         STATE.sequence_gates[key] = logits.detach()
         return logits.repeat_interleave(seq, dim=0)
 
@@ -97,7 +102,7 @@ class TaskRouter(nn.Module):
         num_tasks = self.weight.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
             raise ValueError(f"task ids must be in [0, {num_tasks}), got {ids.tolist()}")
-        return self.weight[ids].float()
+        return _at_least_fp32(self.weight[ids])
 
 
 def build_router(kind: str, d_in: int, num_experts: int, num_tasks: int | None) -> nn.Module:
@@ -128,7 +133,7 @@ class Gates:
 
 
 def gate(logits: torch.Tensor, routing: str, top_k: int, temperature: float) -> Gates:
-    """Turn float32 logits ``[T, E]`` into routing weights (float32)."""
+    """Turn logits ``[T, E]`` into routing weights of the same (at least float32) precision."""
     scaled = logits / temperature
     if routing == "soft":
         return Gates(dense=torch.softmax(scaled, dim=-1))

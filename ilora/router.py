@@ -1,7 +1,7 @@
 """Routers (token, sequence, task) and the gates that turn their logits into routing weights.
 
-A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]`` (at least float32), one row per token of the
-flattened input; sequence and task routers make one decision per sequence and repeat it over its tokens.
+A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]`` (at least float32), one row per
+token of the flattened input; sequence and task routers make one decision per sequence and repeat it over its tokens.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class OmniProcessor(ChatProcessor):
             sampling_rate=AUDIO_SAMPLE_RATE,
             hop_length=160,
             n_fft=400,
-            chunk_length=int(math.ceil(self.config.max_audio_seconds)),
+            chunk_length=math.ceil(self.config.max_audio_seconds),
             return_attention_mask=True,
         )
 
@@ -279,3 +279,41 @@ class OmniProcessor(ChatProcessor):
                 mask[i, : f.shape[1]] = 1
             out["input_features"], out["feature_attention_mask"] = feats, mask
         return out
+
+
+class ModularProcessor(ChatProcessor):
+    """Inputs of ``CrabModularModel``: ``pixel_values`` + ``frames_per_visual``, ``input_features`` (Whisper)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_config, config: ProcessorConfig | None = None):
+        super().__init__(tokenizer, config)
+        self.model_config = model_config
+        hop = 160
+        seconds = model_config.audio_frames * hop / AUDIO_SAMPLE_RATE
+        self.feature_extractor = WhisperFeatureExtractor(
+            feature_size=model_config.num_mel_bins, sampling_rate=AUDIO_SAMPLE_RATE, hop_length=hop, n_fft=400,
+            chunk_length=seconds,
+        )  # fmt: skip
+        self.feature_extractor.n_samples = model_config.audio_frames * hop  # exact even for fractional seconds
+        self.feature_extractor.nb_max_frames = model_config.audio_frames
+
+    def _media(self, sample: Sample):
+        c = self.model_config
+        ids, tensors, expected = [], {}, {}
+        if sample.frames is not None:
+            frames = _check_frames(sample.frames)
+            size = (c.image_size, c.image_size)
+            tensors["pixel_values"] = torch.from_numpy(resize_normalize(frames, size, c.image_mean, c.image_std))
+            tensors["frames_per_visual"] = torch.tensor([frames.shape[0]])
+            token = c.image_token_id if frames.shape[0] == 1 else c.video_token_id
+            ids += [self.ids["vision_bos"], *[token] * c.num_queries, self.ids["vision_eos"]]
+            expected[token] = c.num_queries
+        if sample.audio is not None:
+            # Whisper sees a fixed window (30 s for the real model): longer audio is truncated, shorter padded.
+            feats = self.feature_extractor(
+                _check_audio(sample.audio), sampling_rate=AUDIO_SAMPLE_RATE, padding="max_length",
+                truncation=True, return_tensors="np",
+            )["input_features"]  # fmt: skip
+            tensors["input_features"] = torch.from_numpy(feats)
+            ids += [self.ids["audio_bos"], *[c.audio_token_id] * c.num_queries, self.ids["audio_eos"]]
+            expected[c.audio_token_id] = c.num_queries
+        return ids, tensors, expected

@@ -28,12 +28,7 @@ class SpecialTokens:
     vision_eos: str = "<|vision_eos|>"
 
     def all(self) -> list[str]:
-        return [self.pad, self.im_start, self.im_end, self.audio, self.audio_bos, self.audio_eos] + [
-            self.image,
-            self.video,
-            self.vision_bos,
-            self.vision_eos,
-        ]
+        return [getattr(self, name) for name in self.__dataclass_fields__]
 
 
 SPECIAL = SpecialTokens()
@@ -76,7 +71,7 @@ def build_tiny_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512
         unk_token="<unk>",
         pad_token=SPECIAL.pad,
         eos_token=SPECIAL.im_end,
-        additional_special_tokens=specials[1:],
+        additional_special_tokens=[t for t in specials if t != SPECIAL.pad],
     )
     return fast
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from crabplus.sample import AUDIO_SAMPLE_RATE
@@ -54,11 +55,11 @@ def read_frames(path: str | Path, num_frames: int, size: Size = None) -> np.ndar
     """``num_frames`` RGB frames evenly spaced over the video, uint8 ``[F, H, W, 3]``, resized to ``size`` if given."""
     hw = _hw(size)
     kwargs = {"format": "rgb24"} if hw is None else {"format": "rgb24", "height": hw[0], "width": hw[1]}
+    reformatter = VideoReformatter()  # one scaler for all frames: building one per frame costs milliseconds
     with _open(path) as container:
         if not container.streams.video:
             raise MediaError(path, "no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         try:
             # Decoding every frame keeps the count exact (stream.frames is 0 or wrong for some containers);
             # AV-UIE clips are short, so this stays cheap, and only the kept frames are converted.
@@ -66,7 +67,7 @@ def read_frames(path: str | Path, num_frames: int, size: Size = None) -> np.ndar
             if not frames:
                 raise MediaError(path, "video stream holds no frames")
             keep = sample_indices(len(frames), num_frames)
-            return np.stack([frames[i].to_ndarray(**kwargs) for i in keep])
+            return np.stack([reformatter.reformat(frames[i], **kwargs).to_ndarray() for i in keep])
         except av.FFmpegError as exc:
             raise MediaError(path, f"cannot decode video ({exc})") from exc
 

@@ -1,0 +1,112 @@
+"""Stage 2 of Crab+ segmentation: the box ``[x1,y1,x2,y2]`` and points ``[x,y]`` the LLM wrote prompt SAM2 for a mask.
+
+Coordinates are in the video frame's pixels. The frame is resized (not letterboxed) to SAM2's square input, so
+prompts scale by ``S / W`` in x and ``S / H`` in y; SAM2's low-resolution mask logits (a quarter of ``S``) are
+upsampled bilinearly straight to the frame size and thresholded at 0, as ``Sam2Processor`` does (it needs
+torchvision, hence the hand-written mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import Sam2Config, Sam2Model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def tiny_sam2_config() -> Sam2Config:
+    """A 64x64-input SAM2 (about 120K parameters): HieraDet features at 16, 8 and 4 pixels, prompt grid 4x4."""
+    backbone = dict(
+        model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1, image_size=[64, 64],
+        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2],
+    )  # fmt: skip
+    return Sam2Config(
+        vision_config=dict(
+            backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+            backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=32,
+        ),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    )  # fmt: skip
+
+
+def _as_xy(values: Sequence[float], n: int, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if arr.shape[0] != n or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} must be {n} finite numbers, got {values!r}")
+    return arr
+
+
+class Sam2Segmenter:
+    """Prompt a ``Sam2Model`` with frame-pixel boxes and points; returns boolean masks at the frame's size."""
+
+    def __init__(self, model: Sam2Model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.model = model.eval()
+        self.size = int(model.config.prompt_encoder_config.image_size)
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> Sam2Segmenter:
+        """SAM2 (e.g. SAM2.1 hiera-large in transformers format) from a local directory."""
+        return cls(Sam2Model.from_pretrained(path, local_files_only=True, dtype=dtype))
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> Sam2Segmenter:
+        torch.manual_seed(seed)
+        return cls(Sam2Model(tiny_sam2_config()))
+
+    def preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        """``[H, W, 3]`` uint8 -> ``[1, 3, S, S]``: bilinear resize, ``/255``, ImageNet normalization."""
+        if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}")
+        img = np.asarray(Image.fromarray(frame).resize((self.size, self.size), resample=Image.Resampling.BILINEAR))
+        x = (img.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()).unsqueeze(0)
+
+    def to_model_coords(self, xy: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
+        """Frame-pixel ``[..., 2k]`` (x, y pairs) -> SAM2 input pixels."""
+        h, w = frame_hw
+        scale = np.tile([self.size / w, self.size / h], xy.shape[-1] // 2)
+        return xy * scale
+
+    @staticmethod
+    def upsample_mask(logits: torch.Tensor, frame_hw: tuple[int, int]) -> np.ndarray:
+        """Low-resolution mask logits ``[h, w]`` -> boolean mask ``[H, W]`` of the frame."""
+        up = F.interpolate(logits[None, None].float(), size=tuple(frame_hw), mode="bilinear", align_corners=False)
+        return (up[0, 0] > 0).cpu().numpy()
+
+    @torch.no_grad()
+    def segment(
+        self,
+        frame: np.ndarray,
+        box: Sequence[float] | None = None,
+        points: Sequence[Sequence[float]] = (),
+        multimask: bool = False,
+    ) -> np.ndarray:
+        """The mask ``[H, W]`` (bool) of the object the box and/or foreground points designate."""
+        if box is None and not points:
+            raise ValueError("segment needs a box, points, or both")
+        frame_hw = frame.shape[:2]
+        kwargs = {}
+        if box is not None:
+            b = _as_xy(box, 4, "box [x1,y1,x2,y2]")
+            if b[2] <= b[0] or b[3] <= b[1]:
+                raise ValueError(f"box [x1,y1,x2,y2] must have x2 > x1 and y2 > y1, got {list(box)}")
+            kwargs["input_boxes"] = torch.tensor(self.to_model_coords(b, frame_hw), dtype=torch.float32)[None, None]
+        if points:
+            p = np.stack([_as_xy(pt, 2, "point [x,y]") for pt in points])
+            kwargs["input_points"] = torch.tensor(self.to_model_coords(p, frame_hw), dtype=torch.float32)[None, None]
+            kwargs["input_labels"] = torch.ones(1, 1, len(points), dtype=torch.long)
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        out = self.model(pixel_values=self.preprocess(frame).to(device, dtype), multimask_output=multimask, **kwargs)
+        masks, scores = out.pred_masks[0, 0], out.iou_scores[0, 0]  # [num_masks, h, w], [num_masks]
+        return self.upsample_mask(masks[int(scores.argmax())], frame_hw)

@@ -25,7 +25,8 @@ def tiny_sam2_config() -> Sam2Config:
     backbone = dict(
         model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1, image_size=[64, 64],
         blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 1, 2, 2],
-        window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2],
+        window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2],
     )  # fmt: skip
     return Sam2Config(
         vision_config=dict(

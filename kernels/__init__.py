@@ -10,7 +10,7 @@ package never needs triton; calling a kernel without it raises ``RuntimeError``.
 # transformers probes by importing it. Under that name stay an inert namespace-like module (no ``__file__``, no
 # version) so the probe concludes the hub package is absent; the real package is ``ilora.kernels``.
 if __name__ != "ilora.kernels":
-    __file__ = None  # type: ignore[assignment]  # noqa: A001
+    __file__ = None  # type: ignore[assignment]
     __all__: list[str] = []
 else:
     from .dispatch import triton_runnable

@@ -32,7 +32,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class kernel:  # noqa: N801 (used as a decorator, like triton.jit)
+class kernel:
     """``triton.jit`` deferred to the first launch.
 
     ``triton.jit`` decides between compiled and interpreted execution when it decorates, so decorating at import would
@@ -58,12 +58,15 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def dot_dtype(dtype: torch.dtype):
-    """Operand dtype of ``tl.dot``: fp32 in the interpreter (its bf16 arithmetic is wrong) and for fp32 inputs,
-    else the 16-bit input dtype so tensor cores run with fp32 accumulation."""
+def dot_args(dtype: torch.dtype) -> dict:
+    """``DOT`` (operand dtype) and ``PRECISION`` constexprs for ``tl.dot`` on inputs of ``dtype``.
+
+    fp32 operands in the interpreter (its bf16 arithmetic is wrong) and for fp32 inputs, there with IEEE precision so
+    fp32 matches PyTorch (TF32 would not); else the 16-bit input dtype, so tensor cores run with fp32 accumulation.
+    """
     if interpreting() or dtype not in (torch.float16, torch.bfloat16):
-        return tl.float32
-    return _TL_DTYPES[dtype]
+        return {"DOT": tl.float32, "PRECISION": "ieee"}
+    return {"DOT": _TL_DTYPES[dtype], "PRECISION": "tf32"}  # tf32 is the default and only affects fp32 operands
 
 
 def block(n: int, cap: int) -> int:
@@ -84,7 +87,7 @@ def _mm_kernel(
     s_bk_o, s_bk_i, s_bn_o, s_bn_i,
     s_cm, s_cn_o, s_cn_i,
     s_gm, s_ge, s_basem, s_basen,
-    HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, DOT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,10 +110,7 @@ def _mm_kernel(
         b_mask = k_mask[:, None] & n_mask[None, :]
         b = tl.load(b_ptr + (ke * s_bk_o + kr * s_bk_i)[:, None] + b_n[None, :], mask=b_mask, other=0.0)
         b = b.to(tl.float32)
-        if DOT == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(DOT), b.to(DOT), acc)
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
     acc = acc * alpha
     c_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BASE:
@@ -143,7 +143,7 @@ def matmul(
     Strides: ``a`` as ``(m, k_outer, k_inner)``, ``b`` as ``(k_outer, k_inner, n_outer, n_inner)``, ``c`` as
     ``(m, n_outer, n_inner)``, where a stacked index ``i`` of the K (or N) axis addresses
     ``(i // rk) * outer + (i % rk) * inner`` (``rn`` for N); a plain axis passes ``r = 1`` and ``inner = 0``.
-    ``gate`` is ``[M, K // rk]``, ``base`` ``[M, N]``; ``compute`` is the dtype whose ``dot_dtype`` feeds ``tl.dot``.
+    ``gate`` is ``[M, K // rk]``, ``base`` ``[M, N]``; ``compute`` is the input dtype that picks :func:`dot_args`.
     """
     if M == 0 or N == 0:
         return c
@@ -158,7 +158,7 @@ def matmul(
         *a_strides, *b_strides, *c_strides,
         *(gate.stride() if gate is not None else (0, 0)),
         *(base.stride() if base is not None else (0, 0)),
-        HAS_GATE=gate is not None, HAS_BASE=base is not None, DOT=dot_dtype(compute),
+        HAS_GATE=gate is not None, HAS_BASE=base is not None, **dot_args(compute),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )  # fmt: skip
     return c

@@ -94,7 +94,7 @@ def _soft_op(
 
 @_soft_op.register_fake
 def _(x, A, B, gates, scaling, base):
-    E, r, _, d_out = _check(x, A, B, gates)
+    _, r, _, d_out = _check(x, A, B, gates)
     return x.new_empty(x.shape[0], d_out), x.new_empty(x.shape[0], A.shape[0] * r, dtype=torch.float32)
 
 

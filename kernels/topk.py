@@ -25,7 +25,7 @@ import torch
 from ..functional import check_expert_shapes
 from ..functional import topk_routed_lora as _topk_math
 from . import _utils
-from ._utils import block, dot_dtype, empty, kernel, tile_cap, tl, triton
+from ._utils import block, dot_args, empty, kernel, tile_cap, tl, triton
 from .dispatch import ensure_runnable
 
 
@@ -65,7 +65,7 @@ def _scatter_mm_kernel(
     N, K, alpha,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_bm, s_bn, s_hm, s_hn,
     HAS_SCALE: tl.constexpr, HAS_BASE: tl.constexpr, ATOMIC: tl.constexpr, FUSE_DW: tl.constexpr,
-    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``y[y_idx[p]] (+)= alpha * scale[pair[p]] * x[x_idx[p]] @ W_e`` for the sorted pairs ``p`` of one block."""
     pid = tl.program_id(0)
@@ -86,10 +86,7 @@ def _scatter_mm_kernel(
             x_ptr + x_rows[:, None] * s_xm + rk[None, :] * s_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
         b = tl.load(w_e + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT == tl.float32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(tl.float32).to(DOT), b.to(tl.float32).to(DOT), acc)
+        acc = tl.dot(a.to(tl.float32).to(DOT), b.to(tl.float32).to(DOT), acc, input_precision=PRECISION)
     acc = acc * alpha
     mask = m_mask[:, None] & n_mask[None, :]
     pairs = tl.load(pair_ptr + rows, mask=m_mask, other=0)
@@ -143,7 +140,7 @@ def _scatter_mm(
         *x.stride(), *w_strides, *y.stride(),
         *(base.stride() if base is not None else (0, 0)), *h.stride(),
         HAS_SCALE=scale is not None, HAS_BASE=base is not None, ATOMIC=atomic, FUSE_DW=dw is not None,
-        DOT=dot_dtype(compute), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=block(K, tile_cap() // 2),
+        **dot_args(compute), BLOCK_M=plan.block_m, BLOCK_N=bn, BLOCK_K=block(K, tile_cap() // 2),
     )  # fmt: skip
 
 
@@ -152,7 +149,7 @@ def _grouped_outer_kernel(
     l_ptr, l_idx_ptr, r_ptr, r_idx_ptr, pair_ptr, scale_ptr, out_ptr, seg_start_ptr, seg_end_ptr,
     M, N, alpha,
     s_lm, s_lc, s_rm, s_rc, s_oe, s_om, s_on,
-    HAS_SCALE: tl.constexpr, DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[e] = alpha * sum_p (scale[pair[p]] * l[l_idx[p]])^T r[r_idx[p]]`` over the sorted pairs of expert ``e``."""
@@ -180,10 +177,7 @@ def _grouped_outer_kernel(
             r_ptr + r_rows[:, None] * s_rm + rn[None, :] * s_rc, mask=p_mask[:, None] & n_mask[None, :], other=0.0
         )
         rt = rt.to(tl.float32)
-        if DOT == tl.float32:
-            acc = tl.dot(lt, rt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lt.to(DOT), rt.to(DOT), acc)
+        acc = tl.dot(lt.to(DOT), rt.to(DOT), acc, input_precision=PRECISION)
     out = out_ptr + e * s_oe + rm[:, None] * s_om + rn[None, :] * s_on
     tl.store(out, (acc * alpha).to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -210,7 +204,7 @@ def _grouped_outer(
         l, l_idx, r, r_idx, plan.order, scale if scale is not None else out, out, plan.seg_start, plan.seg_end,
         M, N, float(alpha),
         *l.stride(), *r.stride(), *out.stride(),
-        HAS_SCALE=scale is not None, DOT=dot_dtype(compute), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block(plan.block_m, cap),
+        HAS_SCALE=scale is not None, **dot_args(compute), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block(plan.block_m, cap),
     )  # fmt: skip
     return out
 

@@ -1,0 +1,173 @@
+"""The unified text interface: round trips through format_target/parse, the authors' formats, and fuzzing."""
+
+import pytest
+from crabplus.interface import Prediction, format_target, parse
+from crabplus.tasks import SUBSETS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789-'", min_size=1, max_size=8)
+LABELS = st.lists(_WORDS, min_size=1, max_size=4).map(" ".join).filter(lambda s: s.lower() not in {"none", "nothing"})
+OBJECT_LABELS = LABELS
+EVENT_LABELS = st.lists(_WORDS, min_size=1, max_size=3).map(", ".join).filter(lambda s: s.lower() not in {"none"})
+TIMES = st.integers(0, 20).map(lambda k: k / 2)
+EVENTS = st.tuples(EVENT_LABELS, TIMES, TIMES).map(lambda e: (e[0], min(e[1:]), max(e[1:])))
+COORD = st.integers(0, 223)
+BOX = st.tuples(COORD, COORD, COORD, COORD)
+POINTS = st.lists(st.tuples(COORD, COORD), max_size=3).map(tuple)
+REASONING = st.text(alphabet="abcdefghij klmnop.,", max_size=60)
+
+
+def _round_trip(subset: str, structured: Prediction, reasoning: str = "") -> None:
+    text = format_target(subset, structured, reasoning)
+    parsed = parse(subset, text)
+    assert parsed.error is None, (text, parsed.error)
+    assert parsed == structured, text
+
+
+@settings(max_examples=60, deadline=None)
+@given(subset=st.sampled_from(["ks", "ucf", "meld", "avqa", "avqa_thu", "dfew"]), label=LABELS, why=REASONING)
+def test_answer_round_trip(subset, label, why):
+    _round_trip(subset, Prediction(label=label), why)
+
+
+@settings(max_examples=20, deadline=None)
+@given(subset=st.sampled_from(["a2v", "v2a"]), choice=st.sampled_from([1, 2]), why=REASONING)
+def test_match_round_trip(subset, choice, why):
+    _round_trip(subset, Prediction(choice=choice), why)
+
+
+@settings(max_examples=60, deadline=None)
+@given(subset=st.sampled_from(["ave", "unav"]), events=st.lists(EVENTS, min_size=1, max_size=4), why=REASONING)
+def test_events_round_trip(subset, events, why):
+    _round_trip(subset, Prediction(events=tuple(events)), why)
+
+
+@settings(max_examples=60, deadline=None)
+@given(audio=st.lists(EVENTS, max_size=4), visual=st.lists(EVENTS, max_size=4), why=REASONING)
+def test_avvp_round_trip(audio, visual, why):
+    _round_trip("avvp", Prediction(audio_events=tuple(audio), visual_events=tuple(visual)), why)
+
+
+@settings(max_examples=40, deadline=None)
+@given(caption=st.text(alphabet="abcdefgh ,.'!-", min_size=1).filter(str.strip))
+def test_caption_round_trip(caption):
+    text = format_target("avcap", Prediction(caption=caption))
+    assert parse("avcap", text) == Prediction(caption=" ".join(caption.split()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(subset=st.sampled_from(["s4", "ms3"]), label=OBJECT_LABELS, box=BOX, points=POINTS, why=REASONING)
+def test_box_points_round_trip(subset, label, box, points, why):
+    _round_trip(subset, Prediction(label=label, box=box, points=points), why)
+
+
+@settings(max_examples=40, deadline=None)
+@given(label=OBJECT_LABELS, box=BOX, why=REASONING)
+def test_grounding_round_trip(label, box, why):
+    _round_trip("arig", Prediction(label=label, box=box), why)
+
+
+@settings(max_examples=60, deadline=None)
+@given(exists=st.booleans(), label=OBJECT_LABELS, box=BOX, points=POINTS, why=REASONING)
+def test_ref_round_trip(exists, label, box, points, why):
+    structured = Prediction(exists=True, label=label, box=box, points=points) if exists else Prediction(exists=False)
+    _round_trip("ref_avs", structured, why)
+
+
+FRAGMENTS = st.sampled_from(
+    ["<answer>", "</answer>", "<event>", "</event>", "<range>", "</range>", "<visual_event>", "</audio_event>",
+     "<audio>", "(", ")", "[", "]", ",", " ", "1", "99999999999999999999999999999999", "1e400", ".", "true", "is",
+     "top left corner is (", "bottom right corner is (", "<obj>", "</s>", "none", "\n", "-", "é", "\x00"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(subset=st.sampled_from(SUBSETS), text=st.one_of(st.text(), st.lists(FRAGMENTS).map("".join)))
+def test_parse_never_raises(subset, text):
+    result = parse(subset, text)
+    assert isinstance(result, Prediction)
+    assert result.error is None or isinstance(result.error, str)
+
+
+def test_authors_formats():
+    ave = parse(
+        "ave", "So the event is <event> Male speech, man speaking </event>, and the time range is <range> 0,8 </range>."
+    )
+    assert ave.events == (("Male speech, man speaking", 0.0, 8.0),)
+    avvp = parse("avvp", "<visual_event>Chainsaw,(0 10)</visual_event> and <audio_event>Chainsaw,(0 10)</audio_event>")
+    assert avvp.audio_events == avvp.visual_events == (("Chainsaw", 0.0, 10.0),)
+    crab = parse("avvp", "<visual>Chainsaw,(0 1),(3 6)</visual> and <audio>Dog,(2 4); Chainsaw,(0 10)</audio>")
+    assert crab.visual_events == (("Chainsaw", 0.0, 1.0), ("Chainsaw", 3.0, 6.0))
+    assert crab.audio_events == (("Chainsaw", 0.0, 10.0), ("Dog", 2.0, 4.0))
+    assert parse("avqa", "... So the answer is <answer> saxophone </answer>.").label == "saxophone"
+    arig = (
+        "The sounding object is dog. Its coordinate of top left corner is (3,4) and coordinate of bottom right corner "
+        "is (50,60)"
+    )
+    assert parse("arig", arig) == Prediction(label="dog", box=(3, 4, 50, 60))
+    assert parse("arig", "The sounding object is cat. Its coordinates are <obj>(1,2)(3,4)</obj>.").box == (1, 2, 3, 4)
+    s4 = parse(
+        "s4", "The object making the sound in the video is guitar. Box [10,20,30,40] points [15,25],[16,26],[17,27]"
+    )
+    assert (s4.label, s4.box, s4.points) == ("guitar", (10, 20, 30, 40), ((15, 25), (16, 26), (17, 27)))
+    assert parse("ref_avs", "<answer>false</answer>") == Prediction(exists=False)
+    assert parse("ref_avs", "<answer>true</answer> [1,2,3,4]").box == (1, 2, 3, 4)
+    assert parse("a2v", "<answer>1</answer>.").choice == 1
+    assert parse("v2a", "<answer> the second audio </answer>").choice == 2
+
+
+def test_spacing_and_case_tolerated():
+    assert parse("ks", "<ANSWER>  Playing   Drums</Answer >").label == "Playing Drums"
+    assert parse("ks", "so <answer> dog").label == "dog"  # an unclosed final tag
+    assert parse("ave", "< event >dog</EVENT> <Range> 2 - 5 </range>").events == (("dog", 2.0, 5.0),)
+    assert parse("s4", "[ 1 , 2 , 3 , 4 ] and [ 5,6 ]").points == ((5, 6),)
+    assert parse("ref_avs", "<Answer> TRUE </Answer> [1,2,3,4]").exists is True
+    assert parse("ks", "x <answer>cat</answer> <|im_end|> <answer>dog</answer>").label == "cat"
+
+
+@pytest.mark.parametrize(
+    ("subset", "text", "reason"),
+    [
+        ("ks", "the answer is dog", "no <answer>"),
+        ("ks", "<answer>  </answer>", "empty"),
+        ("a2v", "<answer>1 or 2</answer>", "neither or both"),
+        ("ave", "<event>dog</event>", "1 <event> tags but 0 <range>"),
+        ("ave", "<event>dog</event><range>5,2</range>", "ends before"),
+        ("avvp", "no tags at all", "no <visual_event>"),
+        ("avvp", "<audio_event>just words</audio_event>", "unreadable audio"),
+        ("s4", "a dog", "no [x1,y1,x2,y2]"),
+        ("arig", "The sounding object is dog.", "no box"),
+        ("ref_avs", "<answer>true</answer> somewhere", "answered true but"),
+        ("ref_avs", "it is there", "no <answer>true"),
+        ("avcap", "   ", "empty caption"),
+        ("s4", "[1" + "9" * 400 + ",2,3,4]", "unreadable"),
+    ],
+)
+def test_errors_say_why(subset, text, reason):
+    result = parse(subset, text)
+    assert result.error is not None and reason in result.error, result
+
+
+def test_non_text_prediction():
+    assert "not text" in parse("ks", None).error
+    assert "not text" in parse("ks", 3).error
+
+
+@pytest.mark.parametrize(
+    ("subset", "structured", "reasoning", "message"),
+    [
+        ("ks", Prediction(label=""), "", "label is empty"),
+        ("ks", Prediction(label="a <b>"), "", "delimiter"),
+        ("ks", Prediction(label="dog."), "", "punctuation"),
+        ("a2v", Prediction(choice=3), "", "1 or 2"),
+        ("ave", Prediction(), "", "at least one event"),
+        ("ave", Prediction(events=(("dog", 5, 2),)), "", "start <= end"),
+        ("avcap", Prediction(caption="x"), "why", "no separate reasoning"),
+        ("s4", Prediction(label="dog"), "", "box must be"),
+        ("ref_avs", Prediction(), "", "exists must be"),
+    ],
+)
+def test_format_errors_name_the_field(subset, structured, reasoning, message):
+    with pytest.raises(ValueError, match=message):
+        format_target(subset, structured, reasoning)

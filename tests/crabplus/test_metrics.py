@@ -1,0 +1,161 @@
+"""Each metric against hand-computed cases; unreadable predictions score as wrong and never raise."""
+
+import math
+
+import numpy as np
+import pytest
+from crabplus import metrics
+from crabplus.interface import Prediction as P
+from crabplus.interface import format_target
+from crabplus.metrics import box_iou, mask_f, mask_j, s_metric, score, temporal_iou
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+
+
+def test_classification_accuracy_ignores_case_and_spacing():
+    refs = [P(label="Playing Drums"), P(label="dog"), P(label="cat")]
+    preds = ["<answer> playing   drums </answer>", "<answer>Dog.</answer>", "no tag at all"]
+    out = score("ks", preds, refs)
+    assert out["accuracy"] == pytest.approx(2 / 3)
+    assert out["parse_error_rate"] == pytest.approx(1 / 3)
+    assert out["n"] == 3
+
+
+def test_matching_and_true_false():
+    assert score("a2v", ["<answer>1</answer>", "<answer>one</answer>", "?"], [P(choice=1), P(choice=2), P(choice=1)])[
+        "accuracy"
+    ] == pytest.approx(1 / 3)
+    refs = [P(exists=True, label="dog", box=(0, 0, 10, 10)), P(exists=False)]
+    out = score("ref_avs", ["<answer>true</answer> [0,0,10,10]", "<answer>true</answer> [1,1,2,2]"], refs)
+    assert out["exist_accuracy"] == 0.5
+    assert out["box_iou"] == 1.0  # over references with a box only
+
+
+def test_temporal_iou_and_ave_accuracy():
+    assert temporal_iou((0, 4), (2, 6)) == pytest.approx(2 / 6)
+    assert temporal_iou((0, 1), (2, 3)) == 0.0
+    ref = [P(events=(("dog", 0, 8),))]
+    assert score("ave", [P(events=(("dog", 2, 8),))], ref)["ave_accuracy"] == pytest.approx(0.8)
+    # Wrong label: only the two background segments (8, 9) agree.
+    assert score("ave", [P(events=(("cat", 0, 8),))], ref)["ave_accuracy"] == pytest.approx(0.2)
+    assert score("ave", ["gibberish"], ref)["ave_accuracy"] == 0.0
+    assert score("ave", [P(events=(("Dog", 2, 8),))], ref)["tiou"] == pytest.approx(0.75)
+
+
+def test_unav_tiou_matches_labels():
+    ref = P(events=(("dog", 0, 4), ("cat", 2, 6)))
+    pred = P(events=(("dog", 0, 2), ("bird", 2, 6)))
+    assert score("unav", [pred], [ref])["tiou"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_avvp_segment_and_event_f1():
+    ref = P(audio_events=(("dog", 0, 10),), visual_events=(("dog", 0, 5),))
+    pred = P(audio_events=(("dog", 0, 4),), visual_events=(("dog", 0, 5),))
+    out = score("avvp", [pred], [ref])
+    # Segment level: audio TP 4, FN 6 -> 8/14; visual exact -> 1; audio-visual: both 0-4 vs ref 0-5 -> 8/9.
+    assert out["avvp_segment_audio"] == pytest.approx(8 / 14)
+    assert out["avvp_segment_visual"] == 1.0
+    assert out["avvp_segment_av"] == pytest.approx(8 / 9)
+    assert out["avvp_segment_type"] == pytest.approx((8 / 14 + 1 + 8 / 9) / 3)
+    assert out["avvp_segment_event"] == pytest.approx(2 * 9 / (2 * 9 + 6))  # pooled: TP 4+5, FN 6
+    # Event level: audio run 0-4 vs 0-10 has IoU 0.4 < 0.5 -> no match; visual matches; av 0-4 vs 0-5 IoU 0.8.
+    assert out["avvp_event_audio"] == 0.0
+    assert out["avvp_event_visual"] == 1.0
+    assert out["avvp_event_av"] == 1.0
+    assert out["avvp_event_event"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
+    garbage = score("avvp", ["nothing here"], [ref])
+    assert garbage["avvp_segment_type"] == 0.0 and garbage["avvp_event_event"] == 0.0
+
+
+def test_avvp_averages_over_active_classes():
+    ref = P(audio_events=(("dog", 0, 2), ("cat", 5, 7)))
+    pred = P(audio_events=(("dog", 0, 2), ("bird", 5, 7)))
+    # dog F1 1, cat F1 0 (missed), bird F1 0 (false alarm): mean over the three active classes.
+    assert score("avvp", [pred], [ref])["avvp_segment_audio"] == pytest.approx(1 / 3)
+
+
+def test_captions_go_through_pycocoevalcap():
+    refs = ["A red circle moves to the left while a low tone plays.", "A blue triangle moves right."]
+    preds = ["a red circle moves to the left while a low tone plays", "a green square stays"]
+    out = score("avcap", preds, [P(caption=r) for r in refs])
+    gts = {0: [metrics._tokens(refs[0])], 1: [metrics._tokens(refs[1])]}
+    res = {0: [metrics._tokens(preds[0])], 1: [metrics._tokens(preds[1])]}
+    assert out["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    assert out["cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert 0 < out["rouge_l"] < 1
+    perfect = score("avcap", refs, [P(caption=r) for r in refs])
+    assert perfect["bleu4"] == pytest.approx(1.0) and perfect["rouge_l"] == pytest.approx(1.0)
+    assert score("avcap", ["", "  "], [P(caption=r) for r in refs])["cider"] == 0.0
+
+
+def test_box_iou():
+    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), None) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    refs = [P(label="dog", box=(0, 0, 10, 10))] * 2
+    preds = ["The object making the sound in the video is dog. [5,5,15,15]", "broken"]
+    out = score("s4", preds, refs)
+    assert out["box_iou"] == pytest.approx(25 / 175 / 2)
+    assert out["label_accuracy"] == 0.5
+    assert "mask_j" not in out  # mask metrics need masks
+
+
+def test_mask_j_and_f_by_hand():
+    pred, gt = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    pred[0, :4] = True  # 4 pixels
+    gt[0, 1:4] = True
+    gt[1, :3] = True  # 6 pixels, 3 shared
+    assert mask_j(pred, gt) == pytest.approx(3 / 7)
+    precision, recall = 3 / 4, 3 / 6
+    assert mask_f(pred, gt) == pytest.approx(1.3 * precision * recall / (0.3 * precision + recall))
+    empty = np.zeros((4, 4), bool)
+    assert mask_j(empty, empty) == 1.0 and mask_f(empty, empty) == 1.0
+    assert mask_j(empty, gt) == 0.0 and mask_f(empty, gt) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        mask_j(pred, np.zeros((2, 2)))
+
+
+def test_s_metric_and_ref_avs_mask_split():
+    half = np.zeros((4, 4), bool)
+    half[:2] = True
+    assert s_metric(half) == 1.0
+    assert s_metric(np.zeros((4, 4), bool)) == 0.0
+    assert math.isinf(s_metric(np.ones((2, 2), bool)))
+    refs = [P(exists=True, label="dog", box=(0, 0, 2, 2)), P(exists=False)]
+    gt = [half, np.zeros((4, 4), bool)]
+    out = score("ref_avs", [format_target("ref_avs", r) for r in refs], refs, pred_masks=[half, half], gt_masks=gt)
+    assert out["mask_j"] == 1.0 and out["mask_f"] == 1.0  # the existing object only
+    assert out["s_metric"] == 1.0  # the null sample only
+    with pytest.raises(ValueError, match="masks"):
+        score("s4", ["[1,2,3,4]"], [P(label="a", box=(1, 2, 3, 4))], pred_masks=[], gt_masks=[])
+
+
+def test_bad_calls_raise_clearly():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        score("ks", ["a", "b"], [P(label="a")])
+    with pytest.raises(ValueError, match="reference 0 does not parse"):
+        score("ks", ["<answer>a</answer>"], ["not a target"])
+    with pytest.raises(KeyError, match="unknown AV-UIE"):
+        score("nope", [], [])
+
+
+@pytest.mark.parametrize("subset", ["ks", "a2v", "ave", "unav", "avvp", "avcap", "s4", "ref_avs", "arig"])
+def test_garbage_predictions_never_crash(subset):
+    junk = ["", "<answer>", "[1,2", "<event>x</event><range>a,b</range>", "\x00" * 5, "<visual_event>,(</visual_event>"]
+    ref = {
+        "ks": P(label="dog"),
+        "a2v": P(choice=1),
+        "ave": P(events=(("dog", 0, 3),)),
+        "unav": P(events=(("dog", 0, 3),)),
+        "avvp": P(audio_events=(("dog", 0, 3),)),
+        "avcap": P(caption="a dog"),
+        "s4": P(label="dog", box=(0, 0, 5, 5)),
+        "ref_avs": P(exists=True, label="dog", box=(0, 0, 5, 5)),
+        "arig": P(label="dog", box=(0, 0, 5, 5)),
+    }[subset]
+    out = score(subset, junk, [ref] * len(junk))
+    assert all(isinstance(v, float) for v in out.values())
+    scores = [v for k, v in out.items() if k not in ("n", "parse_error_rate") and not math.isnan(v)]
+    # Junk text is a (bad) caption, so it may share a word with the reference; anything else scores zero.
+    assert scores and max(scores) <= (0.1 if subset == "avcap" else 1e-6)

@@ -44,6 +44,9 @@ class _State:
 
 STATE = _State()
 
+# The forward keyword that carries task ids into a model wrapped by PEFT (``model(**batch, ilora_task_ids=ids)``).
+TASK_IDS_KWARG = "ilora_task_ids"
+
 
 def _as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
     t = torch.as_tensor(task_ids)

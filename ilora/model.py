@@ -16,7 +16,7 @@ from torch import nn
 
 from ._peft import PREFIX
 from .config import ILoraConfig
-from .context import STATE, routing_context
+from .context import STATE, TASK_IDS_KWARG, _as_task_tensor, routing_context
 from .layer import ILoraLayer, Linear
 
 
@@ -40,34 +40,39 @@ class ILoraModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
-        self._mask_stack: list[Any] = []
+        self._state_stack: list[tuple[Any, Any]] = []
         self._hooks = [
             self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True),
             self.model.register_forward_hook(self._release_call_state, always_call=True),
         ]
 
     # ------------------------------------------------------------------------------- per-call routing state
-    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
-        with routing_context(task_ids=task_ids) if task_ids is not None else nullcontext():
-            return self.model(*args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Through __call__, not .forward, so the hooks that capture the routing state of this call run.
+        return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
-        with routing_context(task_ids=task_ids) if task_ids is not None else nullcontext():
+    def generate(self, *args: Any, ilora_task_ids: Any = None, **kwargs: Any) -> Any:
+        with routing_context(task_ids=ilora_task_ids) if ilora_task_ids is not None else nullcontext():
             return self.model.generate(*args, **kwargs)
 
-    def _capture_call_state(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Sequence routers need the attention mask of this call; decode steps reuse the prompt's decision.
-        self._mask_stack.append(STATE.attention_mask)
+    def _capture_call_state(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # Task ids arrive as the keyword TASK_IDS_KWARG (PEFT's task-specific models keep `task_ids` for their own
+        # prompt methods); sequence routers need this call's attention mask; decode steps reuse the prompt's routing.
+        self._state_stack.append((STATE.task_ids, STATE.attention_mask))
+        task_ids = kwargs.pop(TASK_IDS_KWARG, None)
+        if task_ids is not None:
+            STATE.task_ids = _as_task_tensor(task_ids)
         if kwargs.get("attention_mask") is not None:
             STATE.attention_mask = kwargs["attention_mask"]
         decoding = _cache_length(kwargs.get("past_key_values")) > 0
         STATE.reuse_sequence_gates = decoding
         if not decoding:
             STATE.sequence_gates.clear()
+        return args, kwargs
 
     def _release_call_state(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._mask_stack:
-            STATE.attention_mask = self._mask_stack.pop()
+        if self._state_stack:
+            STATE.task_ids, STATE.attention_mask = self._state_stack.pop()
 
     # ------------------------------------------------------------------------------------------ injection
     @staticmethod

@@ -82,8 +82,8 @@ class TaskRouter(nn.Module):
         ids = STATE.task_ids
         if ids is None:
             raise ValueError(
-                "this adapter routes by task (router='task') but no task ids were given: pass task_ids=... to the "
-                "model's forward, or wrap the call in ilora.routing_context(task_ids=...)"
+                "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "
+                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...)"
             )
         rows = self.task_logits(ids.to(self.weight.device))
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]

@@ -101,7 +101,7 @@ def test_loading_as_plain_lora_fails_loudly(tmp_path) -> None:
     # PEFT resolves the config class from peft_type: asking for LoRA yields the ILoRA config, never a silent LoRA.
     assert isinstance(LoraConfig.from_pretrained(tmp_path), ilora.ILoraConfig)
     # Without `import ilora`, PEFT refuses the checkpoint and names the method.
-    script = "from peft import PeftConfig; PeftConfig.from_pretrained(%r)" % str(tmp_path)
+    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "ILORA" in proc.stderr
     # Forcing a LoRA config onto the weights: PEFT reports every LoRA key as missing rather than loading silently.
@@ -113,7 +113,7 @@ def test_checkpoint_with_mismatched_shapes_or_missing_router_is_refused(tmp_path
     from safetensors.torch import save_file
 
     make("mlp", "crab_soft_token").save_pretrained(tmp_path / "ok")
-    with pytest.raises(RuntimeError, match="size mismatch|shape"):
+    with pytest.raises(RuntimeError, match=r"size mismatch|shape"):
         PeftModel.from_pretrained(build("mlp"), tmp_path / "ok", config=ilora.ILoraConfig(
             r=6, target_modules=targets("mlp"), num_experts=3))  # fmt: skip
     tensors = load_file(tmp_path / "ok" / "adapter_model.safetensors")
@@ -121,7 +121,7 @@ def test_checkpoint_with_mismatched_shapes_or_missing_router_is_refused(tmp_path
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
     save_file(partial, tmp_path / "partial" / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match="incomplete: missing .*ilora_router"):
+    with pytest.raises(KeyError, match=r"incomplete: missing .*ilora_router"):
         PeftModel.from_pretrained(build("mlp"), tmp_path / "partial")
 
 
@@ -274,5 +274,5 @@ def test_sequence_routing_ignores_padding() -> None:
 def test_unsupported_target_module_type_is_named() -> None:
     model = build("mlp")
     model.conv = torch.nn.Conv1d(2, 2, 1)
-    with pytest.raises(TypeError, match="conv.*Conv1d"):
+    with pytest.raises(TypeError, match=r"conv.*Conv1d"):
         get_peft_model(model, ilora.ILoraConfig(target_modules=["conv"]))

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from crabplus.convert import _ilora_modules, candidate_paths, load_authors_checkpoint
+from crabplus.models import ModelConfig, build_model
+
+R, ALPHA, N = 4, 8, 3
+
+
+def _old_name(path: str) -> str:
+    # transformers 4.5x names of the full Omni model: thinker.model.layers / thinker.audio_tower / thinker.visual
+    if path.startswith("model.language_model."):
+        return "thinker.model." + path.removeprefix("model.language_model.")
+    return "thinker." + path.removeprefix("model.")
+
+
+@pytest.fixture()
+def peft_omni():
+    model, _ = build_model(ModelConfig(paradigm="omni", r=R, lora_alpha=ALPHA, lora_dropout=0.0))
+    return model.eval()
+
+
+def _authors_state(model, rename=_old_name, prefix="base_model.model."):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for path, layer in _ilora_modules(model, "default").items():
+        key = prefix + rename(path)
+        sd[f"{key}.lora_A.weight"] = torch.randn(R, layer.in_features, generator=g)
+        for i in range(N):
+            sd[f"{key}.lora_B{i}.weight"] = torch.randn(layer.out_features, R, generator=g)
+        sd[f"{key}.lora_route.weight"] = torch.randn(N, layer.in_features, generator=g)
+    return sd
+
+
+def test_path_mapping_across_transformers_versions():
+    assert "model.language_model.layers.3.mlp.up_proj" in candidate_paths("thinker.model.layers.3.mlp.up_proj")
+    assert "model.audio_tower.layers.0.self_attn.q_proj" in candidate_paths(
+        "thinker.audio_tower.layers.0.self_attn.q_proj"
+    )
+    assert "model.visual.blocks.1.mlp.gate_proj" in candidate_paths("base_model.model.visual.blocks.1.mlp.gate_proj")
+    assert (
+        candidate_paths("model.language_model.layers.0.self_attn.q_proj")[0]
+        == "model.language_model.layers.0.self_attn.q_proj"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", ""])
+def test_converted_layer_equals_the_authors_formula(peft_omni, tmp_path, prefix):
+    sd = _authors_state(peft_omni, prefix=prefix)
+    torch.save(sd, tmp_path / "lora_weights.bin")
+    assert load_authors_checkpoint(peft_omni, str(tmp_path / "lora_weights.bin")) == 3 * len(sd) // (N + 2)
+    for path in ("model.language_model.layers.1.mlp.down_proj", "model.audio_tower.layers.0.self_attn.v_proj"):
+        layer = _ilora_modules(peft_omni, "default")[path]
+        key = prefix + _old_name(path)
+        x = torch.randn(7, layer.in_features)
+        w = torch.softmax(x @ sd[f"{key}.lora_route.weight"].T, dim=-1)
+        h = x @ sd[f"{key}.lora_A.weight"].T
+        delta = sum(w[:, i : i + 1] * (h @ sd[f"{key}.lora_B{i}.weight"].T) for i in range(N))
+        want = layer.base_layer(x) + delta * (ALPHA / R)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_missing_file_is_refused(peft_omni, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.bin"):
+        load_authors_checkpoint(peft_omni, str(tmp_path / "nowhere.bin"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda sd: sd.update({"base_model.model.thinker.model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64)}),
+            "fc9",
+        ),
+        (lambda sd: sd.update({"base_model.model.thinker.model.norm.weight": torch.zeros(64)}), "norm.weight"),
+        (lambda sd: sd.pop(next(k for k in sd if k.endswith("lora_B1.weight"))), "incomplete"),
+        (lambda sd: sd.pop(next(k for k in sd if k.endswith("lora_route.weight"))), "incomplete"),
+        (
+            lambda sd: [sd.pop(k) for k in [k for k in sd if "layers.1.mlp.up_proj" in k and "thinker.model" in k]],
+            "no weights for 1",
+        ),
+    ],
+)
+def test_unplaceable_or_incomplete_checkpoints_are_refused(peft_omni, tmp_path, edit, match):
+    sd = _authors_state(peft_omni)
+    edit(sd)
+    torch.save(sd, tmp_path / "w.bin")
+    with pytest.raises(ValueError, match=match):
+        load_authors_checkpoint(peft_omni, str(tmp_path / "w.bin"))
+
+
+def test_shape_mismatch_names_key_and_shapes(peft_omni, tmp_path):
+    sd = _authors_state(peft_omni)
+    key = "base_model.model.thinker.model.layers.0.self_attn.q_proj.lora_A.weight"
+    sd[key] = torch.zeros(R + 1, 64)
+    torch.save(sd, tmp_path / "w.bin")
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A.*\(1, 64, 5\).*\(1, 64, 4\)"):
+        load_authors_checkpoint(peft_omni, str(tmp_path / "w.bin"))

@@ -16,9 +16,15 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    # tl.zeros and tl.sum are @triton.jit helpers, bound to compiled or interpreted execution when triton is imported.
+    # Kernels use the builtins under them (tl.full; tl.reduce with triton's own sum combiner, which the interpreter
+    # maps to numpy), so they still run when TRITON_INTERPRET is set after something else imported triton.
+    from triton.language.standard import _sum_combine as sum_combine
 except ImportError:  # triton is an optional extra: the package must import without it
     triton = None
     tl = None
+    sum_combine = None
 
 HAS_TRITON = triton is not None
 
@@ -37,7 +43,8 @@ class kernel:
 
     ``triton.jit`` decides between compiled and interpreted execution when it decorates, so decorating at import would
     freeze whatever ``TRITON_INTERPRET`` held when some earlier code imported this package. Compiling per mode on
-    launch honours the variable whenever it is set, and lets the package import without triton.
+    launch honours the variable whenever it is set (see ``sum_combine`` above for triton's own helpers), and lets the
+    package import without triton.
     """
 
     def __init__(self, fn):
@@ -95,7 +102,7 @@ def _mm_kernel(
     m_mask = rm < M
     n_mask = rn < N
     b_n = (rn // RN) * s_bn_o + (rn % RN) * s_bn_i
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K

@@ -18,8 +18,8 @@ import torch
 
 from ..functional import check_expert_shapes
 from ..functional import per_row_routed_lora as _per_row_math
-from . import topk
-from ._utils import block, empty, interpreting, kernel, tl, triton
+from . import _utils, topk
+from ._utils import block, interpreting, kernel, sum_combine, tl, triton
 from .dispatch import ensure_runnable
 
 BGMV_MAX_ROWS = 64
@@ -37,7 +37,7 @@ def _bgmv_shrink_kernel(
     e = tl.load(ids_ptr + t)
     rr = tl.arange(0, BLOCK_R)
     r_mask = rr < R
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.full((BLOCK_R,), 0.0, tl.float32)
     for k0 in range(k_lo, k_lo + CHUNK, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
@@ -47,7 +47,7 @@ def _bgmv_shrink_kernel(
             mask=k_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
-        acc += tl.sum(xv[:, None] * av.to(tl.float32), axis=0)
+        acc += tl.reduce(xv[:, None] * av.to(tl.float32), 0, sum_combine)
     if SPLIT:
         tl.atomic_add(h_ptr + t * s_hm + rr, acc, mask=r_mask)
     else:
@@ -71,7 +71,7 @@ def _bgmv_expand_kernel(
     bv = tl.load(
         b_ptr + e * s_be + rr[:, None] * s_br + rn[None, :] * s_bn, mask=r_mask[:, None] & n_mask[None, :], other=0.0
     )
-    acc = tl.sum(hv[:, None] * bv.to(tl.float32), axis=0) * alpha
+    acc = tl.reduce(hv[:, None] * bv.to(tl.float32), 0, sum_combine) * alpha
     if HAS_BASE:
         acc += tl.load(base_ptr + t * s_basem + rn * s_basen, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * s_ym + rn * s_yn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -98,14 +98,14 @@ def _forward(
         return topk.forward(x, A, B, None, expert_ids.unsqueeze(1), scaling, base)
     # An out-of-range id would read another expert's memory: fail (asynchronously on CUDA, without a host sync).
     torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), "expert_ids out of range")
-    out = empty((T, d_out), x.dtype, x.device)
+    out = _utils.empty((T, d_out), x.dtype, x.device)
     if T == 0:
         return out, x.new_empty(0, r, dtype=torch.float32)
     block_r = block(r, triton.next_power_of_2(r))
     block_k = 128 if interpreting() else 64
     chunk = block_k * 8
     n_chunks = triton.cdiv(d_in, chunk)
-    h = x.new_zeros(T, r, dtype=torch.float32) if n_chunks > 1 else empty((T, r), torch.float32, x.device)
+    h = x.new_zeros(T, r, dtype=torch.float32) if n_chunks > 1 else _utils.empty((T, r), torch.float32, x.device)
     _bgmv_shrink_kernel[(T, n_chunks)](
         x, A, expert_ids, h,
         d_in, r, chunk,

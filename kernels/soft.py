@@ -21,7 +21,7 @@ import torch
 from ..functional import check_expert_shapes
 from ..functional import soft_routed_lora as _soft_math
 from . import _utils
-from ._utils import empty, matmul
+from ._utils import matmul
 from .dispatch import ensure_runnable
 
 
@@ -39,7 +39,7 @@ def _forward(
     T = x.shape[0]
     h = _utils.shrink(x, A)
     shared = A.shape[0] == 1
-    out = empty((T, d_out), x.dtype, x.device)
+    out = _utils.empty((T, d_out), x.dtype, x.device)
     matmul(
         h, (h.stride(0), 0 if shared else r, 1),
         B, (B.stride(0), B.stride(1), B.stride(2), 0),
@@ -60,7 +60,7 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     E, r, _, d_out = _check(x, A, B, gates)
     T, E_A = x.shape[0], A.shape[0]
-    dhg = empty((T, E * r), torch.float32, x.device)
+    dhg = _utils.empty((T, E * r), torch.float32, x.device)
     matmul(
         dy, (dy.stride(0), dy.stride(1), 0),
         B, (B.stride(2), 0, B.stride(0), B.stride(1)),
@@ -75,7 +75,7 @@ def _backward(
     dh = (dh.sum(1) if E_A == 1 else dh).reshape(T, E_A * r)
     dx, dA = _utils.shrink_backward(x, A, dh, x.dtype)
     hg = (h3 * g).reshape(T, E * r)
-    dB = empty(tuple(B.shape), B.dtype, B.device)
+    dB = _utils.empty(tuple(B.shape), B.dtype, B.device)
     matmul(
         hg, (1, hg.stride(0), 0),
         dy, (dy.stride(0), 0, dy.stride(1), 0),

@@ -25,7 +25,7 @@ import torch
 from ..functional import check_expert_shapes
 from ..functional import topk_routed_lora as _topk_math
 from . import _utils
-from ._utils import block, dot_args, empty, kernel, tile_cap, tl, triton
+from ._utils import block, dot_args, kernel, sum_combine, tile_cap, tl, triton
 from .dispatch import ensure_runnable
 
 
@@ -78,7 +78,7 @@ def _scatter_mm_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_e = w_ptr + e * s_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
@@ -93,7 +93,7 @@ def _scatter_mm_kernel(
     if FUSE_DW:  # needs the whole rank in this tile: the launcher sets BLOCK_N >= N
         h_rows = tl.load(h_idx_ptr + rows, mask=m_mask, other=0)
         h = tl.load(h_ptr + h_rows[:, None] * s_hm + rn[None, :] * s_hn, mask=mask, other=0.0)
-        dw = tl.sum(acc * h.to(tl.float32), axis=1)
+        dw = tl.reduce(acc * h.to(tl.float32), 1, sum_combine)
         tl.store(dw_ptr + pairs, dw.to(dw_ptr.dtype.element_ty), mask=m_mask)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + pairs, mask=m_mask, other=0.0).to(tl.float32)[:, None]
@@ -160,7 +160,7 @@ def _grouped_outer_kernel(
     n_mask = rn < N
     start = tl.load(seg_start_ptr + e)
     end = tl.load(seg_end_ptr + e)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for p0 in range(start, end, BLOCK_K):
         rows = p0 + tl.arange(0, BLOCK_K)
         p_mask = rows < end
@@ -239,11 +239,11 @@ def forward(
     if A.shape[0] == 1:
         h, h_idx = _utils.shrink(x, A), plan.token
     else:
-        h, h_idx = empty(_h_shape(x, A, indices), torch.float32, x.device), plan.order
+        h, h_idx = _utils.empty(_h_shape(x, A, indices), torch.float32, x.device), plan.order
         _scatter_mm(plan, x, plan.token, A, A.stride(), h, plan.order, r, d_in, x.dtype)
     expand = (plan, h, h_idx, B, B.stride())
     if k == 1:  # every token owns exactly one sorted row: store directly, base fused
-        out = empty((T, d_out), x.dtype, x.device)
+        out = _utils.empty((T, d_out), x.dtype, x.device)
         _scatter_mm(*expand, out, plan.token, d_out, r, x.dtype, alpha=scaling, scale=weights, base=base)
         return out, h
     # k > 1: rows of one token come from several blocks, so accumulate atomically in fp32 (never into the caller's base)
@@ -269,21 +269,21 @@ def backward(
     plan = _plan(indices, E)
     shared = A.shape[0] == 1
     h_idx = plan.token if shared else plan.order
-    dh = empty((T * k, r), torch.float32, x.device)
-    dw = empty((T, k), weights.dtype, x.device) if weights is not None else None
+    dh = _utils.empty((T * k, r), torch.float32, x.device)
+    dw = _utils.empty((T, k), weights.dtype, x.device) if weights is not None else None
     _scatter_mm(
         plan, dy, plan.token, B, (B.stride(0), B.stride(2), B.stride(1)), dh, plan.order, r, d_out, x.dtype,
         alpha=scaling, scale=weights, dw=(dw, h, h_idx) if weights is not None else None,
     )  # fmt: skip
-    dB = empty(tuple(B.shape), B.dtype, B.device)
+    dB = _utils.empty(tuple(B.shape), B.dtype, B.device)
     _grouped_outer(plan, h, h_idx, dy, plan.token, dB, x.dtype, alpha=scaling, scale=weights)
     if shared:
         dx, dA = _utils.shrink_backward(x, A, dh.view(T, k, r).sum(1), x.dtype)
         return dx, dA, dB, dw
-    dA = _grouped_outer(plan, x, plan.token, dh, plan.order, empty(tuple(A.shape), A.dtype, A.device), x.dtype)
+    dA = _grouped_outer(plan, x, plan.token, dh, plan.order, _utils.empty(tuple(A.shape), A.dtype, A.device), x.dtype)
     A_t = (A.stride(0), A.stride(2), A.stride(1))
     if k == 1:
-        dx = empty((T, d_in), x.dtype, x.device)
+        dx = _utils.empty((T, d_in), x.dtype, x.device)
         _scatter_mm(plan, dh, plan.order, A, A_t, dx, plan.token, d_in, r, x.dtype)
         return dx, dA, dB, dw
     dx32 = x.new_zeros(T, d_in, dtype=torch.float32)

@@ -3,7 +3,8 @@
 The ``T * k`` (token, expert) pairs are sorted by expert (stably). Only index tables are built: each block of
 ``BLOCK_M`` sorted pairs belongs to one expert, and the kernels gather the rows of ``x`` (or ``dy``, ``h``) they need
 straight from the unsorted tensors, so no permuted copy of activations is made. The block table is sized by an upper
-bound (``cdiv(T * k, BLOCK_M) + min(E, T * k)``) so building it needs no device-to-host sync; surplus blocks are empty.
+bound (``cdiv(T * k, BLOCK_M) + min(E, T * k)``) so building it needs no device-to-host sync; surplus blocks are
+empty. On CPU, where reading the count costs nothing, the grid is exact.
 
 Forward: a shared ``A`` shrinks densely (``h = x @ A_0``, ``[T, r]``); per-expert ``A`` shrinks per block into
 ``h[T * k, r]`` (pair order). The expand multiplies each block by its ``B_e``, applies ``scaling * weight`` in the
@@ -40,7 +41,9 @@ class _Plan(NamedTuple):
     block_m: int
 
 
-def _plan(indices: torch.Tensor, E: int) -> _Plan:
+def _plan(indices: torch.Tensor, E: int, exact_grid: bool | None = None) -> _Plan:
+    """Sort the pairs and cut them into blocks. ``exact_grid`` (default: on CPU, where reading a count costs no device
+    sync) launches only the real blocks; otherwise the grid is the sync-free upper bound."""
     T, k = indices.shape
     P = T * k
     flat = indices.reshape(-1)
@@ -51,7 +54,10 @@ def _plan(indices: torch.Tensor, E: int) -> _Plan:
     bm = block(triton.cdiv(P, E), tile_cap())
     blocks = (counts + bm - 1) // bm
     blocks_end = blocks.cumsum(0)
-    b = torch.arange(triton.cdiv(P, bm) + min(E, P), device=flat.device)
+    if exact_grid is None:
+        exact_grid = flat.device.type == "cpu"
+    n_blocks = int(blocks_end[-1]) if exact_grid else triton.cdiv(P, bm) + min(E, P)
+    b = torch.arange(n_blocks, device=flat.device)
     # Blocks past the last real one land on expert E-1 beyond its segment: an empty row range, so no valid mask.
     expert = torch.searchsorted(blocks_end, b, right=True).clamp_(max=E - 1)
     block_start = seg_start[expert] + (b - (blocks_end[expert] - blocks[expert])) * bm

@@ -80,18 +80,21 @@ def export_to_lora(
             _call(model, batch)
     usage = recorder.usage()
     state_dict: dict[str, torch.Tensor] = {}
-    ranks = set()
+    ranks: dict[str, int] = {}
     for layer in layers:
         if layer.ilora_name not in usage:
             raise ValueError(f"calibration batches never reached {layer.ilora_name}: cannot average its router")
         lora_A, lora_B = _layer_to_lora(layer, adapter_name, usage[layer.ilora_name], method, rank)
-        ranks.add(lora_A.shape[0])
+        ranks[layer.ilora_name] = lora_A.shape[0]
         key = f"base_model.model.{layer.ilora_name}"
         state_dict[f"{key}.lora_A.weight"] = lora_A
         state_dict[f"{key}.lora_B.weight"] = lora_B
-    (lora_rank,) = ranks  # every layer shares the adapter's r and E, so one rank
-    # lora_alpha == r makes PEFT's scaling 1: the ILoRA scaling is already folded into B.
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=[layer.ilora_name for layer in layers])
+    # lora_alpha == r makes PEFT's scaling 1: the ILoRA scaling is already folded into B. SVD can give a narrow
+    # layer a smaller rank than the others: those go in rank_pattern.
+    lora_rank = max(ranks.values())
+    odd = {name: k for name, k in ranks.items() if k != lora_rank}
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(ranks), rank_pattern=odd,
+                        alpha_pattern=odd)  # fmt: skip
     error, report = _measure(model, config, state_dict, heldout, adapter_name)
     model.train(was_training)
     return LoraExport(config, state_dict, method, error, report)

@@ -46,6 +46,16 @@ class ILoraModel(BaseTuner):
             self.model.register_forward_hook(self._release_call_state, always_call=True),
         ]
 
+    def __getattr__(self, name: str) -> Any:
+        # PEFT 0.15's BaseTuner does not forward unknown attributes (prepare_inputs_for_generation, config) to
+        # the wrapped model; later releases do.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
     # ------------------------------------------------------------------------------- per-call routing state
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Through __call__, not .forward, so the hooks that capture the routing state of this call run.

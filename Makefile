@@ -1,0 +1,49 @@
+# Every target creates .venv on first use: torch first, pinned to the CPU build (a looser spec pulls CUDA wheels).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OLDEST := $(VENV)/oldest
+# The oldest versions ilora claims (pyproject lower bounds), tested as an overlay on top of the newest install.
+OLDEST_PINS := peft==0.15.2 transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
+
+.PHONY: install demo test test-oldest lint bench quickstart transfer clean
+
+$(STAMP): pyproject.toml examples/crabplus/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[triton,crabplus,dev]" -e examples/crabplus
+	rm -rf $(OLDEST) && $(BIN)/pip install -q --no-deps --target $(OLDEST) $(OLDEST_PINS)
+	touch $@
+
+install: $(STAMP)
+
+# The main job: the Crab+ recipe on its small built-in default (synthetic AV-UIE v2 data, tiny model, CPU).
+demo: $(STAMP)
+	$(BIN)/crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
+
+# The whole suite on the newest dependencies, then the library's tests on the oldest supported ones.
+# pytest's exit status 5 (nothing collected) is turned into an explicit failure.
+run_pytest = $(1) $(BIN)/pytest -q $(2); s=$$?; if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; s=1; fi; exit $$s
+
+test: $(STAMP)
+	$(call run_pytest,,)
+	$(MAKE) --no-print-directory test-oldest
+
+test-oldest: $(STAMP)
+	$(call run_pytest,PYTHONPATH=$(OLDEST),-p no:cacheprovider tests/ilora)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+quickstart: $(STAMP)
+	$(BIN)/python examples/tiny_causal_lm.py
+
+transfer: $(STAMP)
+	$(BIN)/crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml --out runs/transfer
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

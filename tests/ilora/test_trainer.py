@@ -1,0 +1,38 @@
+"""The transformers.Trainer integration trains the auxiliary router losses along with the task loss."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+from transformers import TrainingArguments
+
+import ilora
+
+from .conftest import build, targets
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_adds_aux_loss_to_the_training_loss(tmp_path) -> None:
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=1, target_modules=targets("llama"),
+                            balance_loss_coef=1.0)  # fmt: skip
+    model = get_peft_model(build("llama"), cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no")  # fmt: skip
+    trainer = ilora.ILoraTrainer(model=model, args=args, train_dataset=_Tokens())
+    batch = {k: torch.stack([_Tokens()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    model.train()
+    with_aux = trainer.compute_loss(model, batch)
+    task_only = model(**batch).loss
+    assert with_aux.item() >= task_only.item() + 0.99  # the balance loss is >= 1 at any routing
+    router = next(iter(ilora.ilora_layers(model))).ilora_router["default"].weight
+    before = router.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, router.detach())

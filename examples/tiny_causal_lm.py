@@ -16,8 +16,9 @@ import ilora
 
 def main(steps: int = 60, seed: int = 0) -> None:
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))  # fmt: skip
+    llama = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    base = LlamaForCausalLM(llama)
     config = ilora.ILoraConfig.crab(r=8, num_experts=4, balance_loss_coef=0.01, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     model.print_trainable_parameters()

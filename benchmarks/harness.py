@@ -152,7 +152,7 @@ def peak_memory(module: nn.Module, p: Problem, mode: str) -> int | None:
 def reference_output(p: Problem) -> torch.Tensor:
     """The routed-LoRA output by ilora's pure-PyTorch math in float32: the oracle every routed provider matches."""
     x = p.x.detach().float()
-    g = route(x, p.router.float(), p.shape)
+    g = route(x, p.router.float().T, p.shape)
     A, B = p.A.float(), p.B.float()
     if g.dense is not None:
         delta = IF.soft_routed_lora(x, A, B, g.dense, p.scaling)

@@ -106,8 +106,12 @@ def make_problem(
 
 
 def route(x: torch.Tensor, router: torch.Tensor, shape: Shape) -> Gates:
-    """ilora's routing math (float32 logits, softmax, top-k renormalized) so every provider routes identically."""
-    logits = (x @ router).float()
+    """ilora's routing math (float32 logits, softmax, top-k renormalized) so every provider routes identically.
+
+    ``router`` is ``[E, d_in]``, the ``nn.Linear`` layout: with it autograd computes the weight gradient as
+    ``dlogits^T @ x``, which on CPU is ~50x faster than ``x^T @ dlogits`` for E of a few (see README).
+    """
+    logits = F.linear(x, router).float()
     return gate(logits, shape.routing, shape.top_k or shape.experts, 1.0)
 
 
@@ -224,7 +228,7 @@ class GroupedMM(nn.Module):
         self.base, self.shape, self.scaling = _frozen_linear(p), p.shape, p.scaling
         self.A = nn.Parameter(p.A.detach().clone())
         self.B = nn.Parameter(p.B.detach().clone())
-        self.router = nn.Parameter(p.router.detach().clone())
+        self.router = nn.Parameter(p.router.detach().T.contiguous())  # [E, d_in], see route()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         E, T = self.shape.experts, x.shape[0]
@@ -259,7 +263,7 @@ class DenseAllExperts(nn.Module):
         self.base, self.shape, self.scaling = _frozen_linear(p), p.shape, p.scaling
         self.A = nn.Parameter(p.A.detach().clone())
         self.B = nn.Parameter(p.B.detach().clone())
-        self.router = nn.Parameter(p.router.detach().clone())
+        self.router = nn.Parameter(p.router.detach().T.contiguous())  # [E, d_in], see route()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = route(x, self.router, self.shape).to_dense(self.shape.experts).to(x.dtype)  # [T, E]
@@ -319,7 +323,7 @@ def expert_grads(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
         B = torch.stack([grad(b.weight).T for b in module.lora_B])
         return A, B, grad(module.lora_route.weight).T
     if isinstance(module, (GroupedMM, DenseAllExperts)):
-        return grad(module.A), grad(module.B), grad(module.router)
+        return grad(module.A), grad(module.B), grad(module.router).T
     return None
 
 

@@ -147,10 +147,15 @@ def format_table(rows: Sequence[Row]) -> str:
         if "skipped" in r:
             skipped[r["provider"]] = r["skipped"]
             continue
+        # The anchor's floor ratio, adapter time and adapter bytes say nothing: dashes.
+        anchor = r["provider"] == "base"
+        x_floor = "-" if anchor else f"{r['x_floor']:.2f}"
+        adapter = "-" if anchor else _ms(r["adapter_s"])
+        saved = "-" if anchor else _mib(r["saved_bytes"])
         lines.append(
             f"| {r['shape']} | {r['tokens']} | {r['mode']} | {r['provider']} | {_ms(r['median_s'])} | "
-            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_base']:.2f} | {r['x_floor']:.2f} | {_ms(r['adapter_s'])} | "
-            f"{_mib(r['saved_bytes'])} | {_mib(r['peak_bytes'])} |"
+            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
+            f"{_mib(r['peak_bytes'])} |"
         )
     lines += [f"\nskipped: {name}: {why}" for name, why in skipped.items()]
     return "\n".join(lines)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from .report import environment, evaluate_targets, format_table, format_targets,
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The quick subset: the two shapes with targets, decode-ish and training token counts, inference and training.
-QUICK = {"shapes": ["crabplus", "moe"], "tokens": [16, 2048], "modes": ["fwd", "fwd+bwd"], "rounds": 7}
+QUICK = {"shapes": ["crabplus", "moe"], "tokens": [16, 2048], "modes": ["fwd", "fwd+bwd"], "rounds": 15}
 FULL = {"shapes": list(SHAPES), "tokens": [1, 16, 2048, 8192], "modes": list(MODES), "rounds": 15}
 
 
@@ -37,7 +36,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     ap.add_argument("--d", type=int, default=None, help="d_in = d_out (default 4096 on GPU, 1024 on CPU)")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per provider (median and IQR over them)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores), recorded")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU), recorded")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON and PNG")
     ap.add_argument("--name", default=None, help="file stem (default: <date>_<machine>_<quick|full>)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -50,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     d = args.d or (4096 if device == "cuda" else 1024)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)  # pinned and recorded: CPU timings scale with it
+    # Pinned and recorded. One CPU thread by default: a multi-threaded GEMM waits at every barrier for its slowest
+    # thread, so any other load on the machine swings the timings by 2x; one thread also compares across machines.
+    threads = args.threads or (1 if device == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     config: dict[str, Any] = {
         "preset": "quick" if args.quick else "full", "device": device, "d": d,

@@ -20,7 +20,7 @@ T, D = 24, 40  # small, and d < r for crabplus: a transposed layout would fail l
 def _reference(p: providers.Problem) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ilora's functional math on leaf copies; returns the output and the grads of (x, A, B, router)."""
     x, A, B, router = (t.detach().clone().requires_grad_(True) for t in (p.x, p.A, p.B, p.router))
-    g = providers.route(x, router, p.shape)
+    g = providers.route(x, router.T, p.shape)
     if g.dense is not None:
         delta = IF.soft_routed_lora(x, A, B, g.dense.to(x.dtype), p.scaling)
     else:

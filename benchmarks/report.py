@@ -204,7 +204,7 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
                     ys.append(r["x_base"])
             ax.bar(xs, ys, width=width, label=prov)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xticks(range(len(groups)), [f"{s}\nT={t}" for s, t in groups])
         ax.set_ylabel("time / base linear")
         ax.set_title(f"{title} {mode}".strip())
@@ -213,3 +213,23 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.report RESULT.json``: print its table and targets again and redraw its PNG."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    ap.add_argument("result", type=Path)
+    args = ap.parse_args(argv)
+    data = json.loads(args.result.read_text())
+    env = data["environment"]
+    print(f"# {env['date']}  {env['machine']}  commit {env['commit']}")
+    print(format_table(data["rows"]))
+    print("\nTargets:\n" + format_targets(evaluate_targets(data["rows"])))
+    plot(data["rows"], args.result.with_suffix(".png"), title=f"{args.result.stem}:")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"  {shape} T={tokens}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     config["wall_s"] = round(time.perf_counter() - start, 1)
+    config["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(format_table(rows))
     print("\nTargets:\n" + format_targets(evaluate_targets(rows)))
     print(f"\nwall time {config['wall_s']} s")

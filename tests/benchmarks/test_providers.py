@@ -17,6 +17,15 @@ from ilora import functional as IF
 T, D = 24, 40  # small, and d < r for crabplus: a transposed layout would fail loudly
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a busy machine: a second OpenMP thread mostly waits for a core, slowing these tests several-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _reference(p: providers.Problem) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ilora's functional math on leaf copies; returns the output and the grads of (x, A, B, router)."""
     x, A, B, router = (t.detach().clone().requires_grad_(True) for t in (p.x, p.A, p.B, p.router))
@@ -138,16 +147,7 @@ def test_targets_marked() -> None:
     assert "MISSED" in report.format_targets(report.evaluate_targets(rows))
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny ops on a busy 2-core machine: a second OpenMP thread mostly waits for a core, slowing the test 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_run_case_and_report_files(tmp_path, one_thread) -> None:
+def test_run_case_and_report_files(tmp_path) -> None:
     names = ["base", "ilora_torch", "ilora_triton", "authors_loop", "grouped_mm"]
     rows = harness.run_case(
         SHAPES["moe"], 16, 32, torch.float32, "cpu", ["fwd", "fwd+bwd"], names, rounds=3, min_round_s=0.002
@@ -185,3 +185,23 @@ def test_providers_bf16_on_gpu(shape: str) -> None:
             if skip_reason(name, p) is None:
                 err = (build(name, p)(p.x).float() - ref).abs().max().item()
                 assert err <= 2 * err_torch + 5e-2, (name, err, err_torch)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_triton_provider_through_the_interpreter(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CUDA the benchmark skips ilora_triton (interpreted timings mean nothing), but its wiring is checked:
+    the same module through the Triton interpreter, on a tiny problem, against the reference."""
+    kernels = pytest.importorskip("ilora.kernels")
+    pytest.importorskip("triton")
+    if not hasattr(kernels, "triton_runnable"):
+        pytest.skip("ilora.kernels has no kernels yet")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = make_problem(SHAPES[shape], 6, 16, seed=5)
+    ref_out, ref_grads = _reference(p)
+    module = providers.IloraLinear(p, "triton")
+    p.x.grad = None
+    out = module(p.x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    out.backward(p.dy)
+    for got, want in zip([p.x.grad, *expert_grads(module)], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)

@@ -11,7 +11,6 @@ Every command takes ``--set section.key=value`` (repeatable) to override a confi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -45,21 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
-    from crabplus.data.scene import SynthConfig
-    from crabplus.data.synth import generate
     from crabplus.evaluate import evaluate
     from crabplus.plots import plot_loss, plot_router_usage
-    from crabplus.train import loss_summary, train
+    from crabplus.train import loss_summary, synthesize, train
 
     began = time.perf_counter()
-    s = cfg.data.synth
-    cfg.data.root, cfg.train.out = str(out / "data"), str(out)
-    marker = out / "data" / "synth.json"
-    wanted = {"train": s.train, "test": s.test, "seed": s.seed, "size": s.size, "subsets": cfg.subsets()}
-    if not marker.is_file() or json.loads(marker.read_text()) != wanted:
-        print(f"[1/4] generating the synthetic AV-UIE dataset under {out / 'data'}")
-        generate(out / "data", s.train, s.test, s.seed, cfg.subsets(), SynthConfig(size=s.size))
-        marker.write_text(json.dumps(wanted))
+    cfg.train.out = str(out)
+    print(f"[1/4] synthetic AV-UIE dataset under {out / 'data'}")
+    synthesize(cfg, out / "data")
     print(f"[2/4] training ({cfg.model.adapter}) into {out}")
     result = train(cfg, progress=progress)
     print(loss_summary(result.losses))

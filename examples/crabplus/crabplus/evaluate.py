@@ -23,12 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import ilora
+from crabplus.models import build_model  # first: importing crabplus.processor first hits a models <-> processor cycle
+
+# isort: split
 from crabplus.checkpoint import latest_checkpoint, load_weights
 from crabplus.data.media import read_mask
 from crabplus.generate import predict
 from crabplus.interface import Prediction
 from crabplus.metrics import score
-from crabplus.models import build_model
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
 from crabplus.tasks import COORD_SIZE, get_task

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -266,6 +267,22 @@ def train_dataset(cfg: RunConfig, split: str = "train", subsets: Sequence[str] |
     if subsets is None:
         subsets = cfg.data.subsets if isinstance(cfg.data.subsets, dict) else cfg.subsets()
     return AVUIEDataset(root, subsets, split, cfg.train.seed, cfg.data.frame_size, cfg.data.check_media)
+
+
+def synthesize(cfg: RunConfig, root: str | Path) -> Path:
+    """Generate the synthetic dataset of ``data.synth`` under ``root`` (kept when already there with these
+    settings) and point ``data.root`` at it."""
+    from crabplus.data.scene import SynthConfig
+    from crabplus.data.synth import generate
+
+    s, root = cfg.data.synth, Path(root)
+    marker = root / "synth.json"
+    wanted = {"train": s.train, "test": s.test, "seed": s.seed, "size": s.size, "subsets": cfg.subsets()}
+    if not marker.is_file() or json.loads(marker.read_text()) != wanted:
+        generate(root, s.train, s.test, s.seed, cfg.subsets(), SynthConfig(size=s.size))
+        marker.write_text(json.dumps(wanted))
+    cfg.data.root = str(root)
+    return root
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -1,0 +1,35 @@
+"""The command line: the README's demo on a very small setting, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crabplus.__main__ import main
+
+TINY = str(Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs" / "tiny.yaml")
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main([
+        "demo", "--config", TINY, "--out", str(out), "--quiet",
+        "--set", "data.subsets=[ks, s4]", "--set", "data.synth={train: 3, test: 1, seed: 0, size: 32}",
+        "--set", "data.frame_size=32", "--set", "train.epochs=1", "--set", "model.r=4",
+        "--set", "eval.max_new_tokens=4",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "loss: first" in printed and "| action_recognition | ks |" in printed
+    for name in ("loss.png", "router_usage.png", "train_log.csv", "config.yaml", "eval/predictions.jsonl",
+                 "eval/metrics.md", "eval/metrics.csv", "data/ks/train.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert len((out / "train_log.csv").read_text().splitlines()) == 1 + 2  # 6 records, batch 4: 2 steps
+
+
+def test_errors_are_reported_by_name(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["train", "--config", TINY, "--set", "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert main(["evaluate", "--config", TINY, "--set", f"train.out={tmp_path}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Training: config validation, exact resume, atomic checkpoints, and bad records skipped."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from crabplus import checkpoint
+from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
+from crabplus.data.scene import SynthConfig
+from crabplus.data.synth import generate
+from crabplus.models import ModelConfig
+from crabplus.train import DataConfig, EvalConfig, RunConfig, TrainConfig, epoch_batches, load_config, train
+from safetensors.torch import load_file
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs"
+SUBSETS = ["ks", "meld", "s4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("avuie")
+    generate(root, train=4, test=2, seed=0, subsets=SUBSETS, config=SynthConfig(size=32))
+    return root
+
+
+def run_config(root: Path, out: Path, **train_kw) -> RunConfig:
+    """A tiny I-LoRA run: dropout and an aux loss on, so RNG and aux handling matter for resume equality."""
+    model = ModelConfig(r=4, lora_alpha=8, lora_dropout=0.1, num_experts=2, ilora_extra={"balance_loss_coef": 0.01})
+    t = dict(out=str(out), max_steps=5, batch_size=2, grad_accum=2, lr=1e-2, device="cpu", warmup_ratio=0.2)
+    data = DataConfig(root=str(root), subsets=list(SUBSETS), frame_size=32)
+    return RunConfig(data=data, model=model, train=TrainConfig(**{**t, **train_kw}), eval=EvalConfig(max_new_tokens=8))
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    # 12 records, micro-batches of 2, 2 per step: 3 steps per epoch, so 5 steps cross an epoch boundary.
+    full = train(run_config(tiny_data, tmp_path / "full"), progress=False)
+    first = train(run_config(tiny_data, tmp_path / "cut"), stop_after=2, progress=False)
+    rest = train(run_config(tiny_data, tmp_path / "cut"), progress=False)
+    assert full.steps == [1, 2, 3, 4, 5] and first.steps == [1, 2] and rest.steps == [3, 4, 5]
+    assert first.losses + rest.losses == full.losses
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("ilora_B") or "ilora_B" in k for k in a)
+    log = (tmp_path / "cut" / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,epoch,loss,aux_loss,lr,tokens_per_s" and len(log) == 6
+    assert full.losses[-1] < full.losses[0] or all(math.isfinite(x) for x in full.losses)
+
+
+def test_data_order_depends_on_seed_and_epoch_only():
+    assert epoch_batches(10, 3, 0, 1) == epoch_batches(10, 3, 0, 1)
+    assert epoch_batches(10, 3, 0, 1) != epoch_batches(10, 3, 0, 2)
+    assert sorted(i for b in epoch_batches(10, 3, 5, 0) for i in b) == list(range(10))
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+    cfg = run_config(tiny_data, tmp_path, max_steps=2, save_every=1)
+    train(cfg, stop_after=1, progress=False)
+    before = latest_checkpoint(tmp_path)
+    weights = _adapter(tmp_path)
+
+    def broken(stem, obj):
+        stem.with_suffix(".json").write_text("{half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_tree", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    assert latest_checkpoint(tmp_path) == before
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert all(torch.equal(weights[k], v) for k, v in _adapter(tmp_path).items())
+    monkeypatch.undo()
+    assert train(cfg, progress=False).steps == [2]  # resumes from the intact checkpoint
+
+
+def test_state_round_trip_keeps_types(tmp_path):
+    state = {"a": torch.arange(3), "b": {0: [1.5, None, "x"], 1: (2, 3)}, "c": torch.tensor(0.5)}
+    save_tree(tmp_path / "s", state)
+    back = load_tree(tmp_path / "s")
+    assert torch.equal(back["a"], state["a"]) and back["b"] == {0: [1.5, None, "x"], 1: (2, 3)}
+    assert back["c"].item() == 0.5
+
+
+def test_corrupted_records_are_reported_and_training_continues(tiny_data, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    video = sorted((root / "ks" / "video").glob("ks_train_*"))[0]
+    video.write_bytes(b"not a video")  # found only when read: check_media="exists"
+    lines = (root / "meld" / "train.json").read_text().splitlines()
+    lines[1] = lines[1][:20]  # a broken JSON record: reported at load
+    (root / "meld" / "train.json").write_text("\n".join(lines))
+    cfg = run_config(root, tmp_path / "run", max_steps=6, grad_accum=1, batch_size=2)
+    cfg.data.check_media = "exists"
+    result = train(cfg, progress=False)
+    assert result.steps == [1, 2, 3, 4, 5, 6] and all(math.isfinite(x) for x in result.losses)
+    assert result.skipped >= 1
+    assert any("invalid JSON" in p.reason for p in result.report.problems)
+    assert any(video.name in p.reason for p in result.report.read_problems)
+    assert video.name in caplog.text
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: fast}\n")
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        load_config(bad)
+    bad.write_text("trainn: {}\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(bad)
+    with pytest.raises(ValueError, match=r"model\.adapter"):
+        load_config(CONFIGS / "tiny.yaml", ["model.adapter=dora"])
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match=r"data\.root"):
+        train(run_config(tmp_path / "missing", tmp_path / "run"), progress=False)
+
+
+def test_a_changed_config_does_not_resume_silently(tiny_data, tmp_path):
+    train(run_config(tiny_data, tmp_path, max_steps=1), progress=False)
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        train(run_config(tiny_data, tmp_path, max_steps=1, lr=0.5), progress=False)
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "crabplus_7b.yaml", "transfer_tiny.yaml"])
+def test_configs_start_with_their_command_and_load(name):
+    from crabplus.transfer import TransferRunConfig
+
+    text = (CONFIGS / name).read_text()
+    assert text.startswith("# Run: .venv/bin/crabplus ")
+    cls = TransferRunConfig if name.startswith("transfer") else RunConfig
+    load_config(CONFIGS / name, cls=cls)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OLDEST := $(VENV)/oldest
 # The oldest versions ilora claims (pyproject lower bounds), tested as an overlay on top of the newest install.
-OLDEST_PINS := peft==0.15.2 transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
+OLDEST_PINS := peft==0.15.2 transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 certifi==2026.10.18
 
 .PHONY: install demo test test-oldest lint bench quickstart transfer clean
 

@@ -200,7 +200,8 @@ class PeftLora(nn.Module):
         holder = nn.Module()
         holder.proj = _frozen_linear(p)
         config = LoraConfig(r=E * r, lora_alpha=p.scaling * E * r, target_modules=["proj"], lora_dropout=0.0)
-        self.model = get_peft_model(holder, config)
+        # PEFT would upcast the adapter to fp32 under a bf16 base; keep it in the base dtype like every provider.
+        self.model = get_peft_model(holder, config, autocast_adapter_dtype=False)
         self.proj = self.model.base_model.model.proj
         a = p.A.permute(1, 0, 2).reshape(p.d_in, -1) if not p.shape.shared_a else None
         with torch.no_grad():
@@ -226,12 +227,14 @@ class GroupedMM(nn.Module):
     def __init__(self, p: Problem) -> None:
         super().__init__()
         self.base, self.shape, self.scaling = _frozen_linear(p), p.shape, p.scaling
-        self.A = nn.Parameter(p.A.detach().clone())
-        self.B = nn.Parameter(p.B.detach().clone())
+        # Stored [E, out, in] and passed transposed: the column-major right operand grouped GEMMs expect on CUDA.
+        self.A_t = nn.Parameter(p.A.detach().transpose(1, 2).contiguous())
+        self.B_t = nn.Parameter(p.B.detach().transpose(1, 2).contiguous())
         self.router = nn.Parameter(p.router.detach().T.contiguous())  # [E, d_in], see route()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         E, T = self.shape.experts, x.shape[0]
+        A, B = self.A_t.transpose(1, 2), self.B_t.transpose(1, 2)
         g = route(x, self.router, self.shape)
         if g.dense is not None:
             weights, indices = g.dense, torch.arange(E, device=x.device).expand(T, E)
@@ -243,9 +246,9 @@ class GroupedMM(nn.Module):
         token = order // k
         offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
         # A shared A shrinks once, then gathers the narrow rows; per-expert A's gather x first.
-        h = (x @ self.A[0])[token] if self.A.shape[0] == 1 else _grouped_mm(x[token], self.A, offs)
+        h = (x @ A[0])[token] if A.shape[0] == 1 else _grouped_mm(x[token], A, offs)
         h = h * weights.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
-        y = _grouped_mm(h, self.B, offs)
+        y = _grouped_mm(h, B, offs)
         return self.base(x).index_add_(0, token, y, alpha=self.scaling)
 
 
@@ -322,7 +325,9 @@ def expert_grads(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
         A = torch.stack([grad(a.weight).T for a in module.lora_A])
         B = torch.stack([grad(b.weight).T for b in module.lora_B])
         return A, B, grad(module.lora_route.weight).T
-    if isinstance(module, (GroupedMM, DenseAllExperts)):
+    if isinstance(module, GroupedMM):
+        return grad(module.A_t).transpose(1, 2), grad(module.B_t).transpose(1, 2), grad(module.router).T
+    if isinstance(module, DenseAllExperts):
         return grad(module.A), grad(module.B), grad(module.router).T
     return None
 

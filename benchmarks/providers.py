@@ -56,7 +56,7 @@ class Problem:
     shape: Shape
     x: torch.Tensor  # [T, d_in], requires grad: the layer sits inside a network, so backward computes dx
     weight: torch.Tensor  # [d_out, d_in] frozen base weight
-    router: torch.Tensor  # [d_in, E]
+    router: torch.Tensor  # [d_in, E]; ilora and the baselines take its transpose, the nn.Linear layout
     A: torch.Tensor  # [E_A, d_in, r]
     B: torch.Tensor  # [E, r, d_out], random: a zero B would hide wrong expert math in the correctness tests
     scaling: float
@@ -147,7 +147,7 @@ class IloraLinear(nn.Module):
         with torch.no_grad():
             self.layer.ilora_A["default"].copy_(p.A)
             self.layer.ilora_B["default"].copy_(p.B)
-            self.layer.ilora_router["default"].weight.copy_(p.router)
+            self.layer.ilora_router["default"].weight.copy_(p.router.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -319,7 +319,7 @@ def expert_grads(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
         return (
             grad(layer.ilora_A["default"]),
             grad(layer.ilora_B["default"]),
-            grad(layer.ilora_router["default"].weight),
+            grad(layer.ilora_router["default"].weight).T,
         )
     if isinstance(module, AuthorsLoop):
         A = torch.stack([grad(a.weight).T for a in module.lora_A])

@@ -55,8 +55,9 @@ def soft_routed_lora(
     if gates.shape != (x.shape[0], E):
         raise ValueError(f"gates must be [T={x.shape[0]}, E={E}], got {tuple(gates.shape)}")
     h = _shrink_all(x, A)  # [T, E_A, r]; broadcasts over experts when A is shared
-    hg = (h * gates.to(h.dtype).unsqueeze(-1)).reshape(x.shape[0], E * r)
-    return (hg @ B.reshape(E * r, d_out)) * scaling
+    # Scaling folded into the [T, E] gates rather than applied to the [T, d_out] output: one small multiply.
+    hg = (h * (gates.to(h.dtype) * scaling).unsqueeze(-1)).reshape(x.shape[0], E * r)
+    return hg @ B.reshape(E * r, d_out)
 
 
 def topk_routed_lora(
@@ -97,8 +98,9 @@ def topk_routed_lora(
         pieces.append((h * w_sorted[start : start + n]) @ B[e])
         start += n
     y_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, d_out)
-    out = x.new_zeros(T, d_out)
-    return out.index_add(0, token, y_sorted) * scaling
+    # Un-sort and sum each token's k rows: autograd keeps only the permutation, where index_add would save the whole
+    # [T*k, d_out] source for its backward.
+    return y_sorted[torch.argsort(order)].view(T, k, d_out).sum(1) * scaling
 
 
 def per_row_routed_lora(

@@ -107,8 +107,9 @@ def test_saved_bytes_of_the_crabplus_providers() -> None:
     assert harness.saved_bytes(build("base", p), p) == 0  # the frozen base keeps only its weight for dx
     # authors: h = x A [t, r], each head's B_i h [t, d] (kept for the gate's grad), the gates [t, E] (one storage)
     assert harness.saved_bytes(build("authors_loop", p), p) == 4 * t * (r + E * d + E)
-    # ilora: h [t, r], the gates [t, E], and h*g flattened [t, E*r] for the expand's weight grad; no [t, d] tensor
-    assert harness.saved_bytes(build("ilora_torch", p), p) == 4 * t * (r + E + E * r)
+    # ilora: h [t, r], the gates [t, E] and the scaled gates [t, E], and h*g flattened [t, E*r] for the expand's
+    # weight grad; no [t, d] tensor
+    assert harness.saved_bytes(build("ilora_torch", p), p) == 4 * t * (r + 2 * E + E * r)
 
 
 def test_flop_floor_formula() -> None:

@@ -33,11 +33,11 @@ def oracle_forward(layer: Linear, x: torch.Tensor, mask: torch.Tensor | None, ta
     W = layer.ilora_router["default"].weight
     x2 = x.reshape(-1, x.shape[-1])
     if cfg.router == "token" or (cfg.router == "sequence" and x.dim() == 2):
-        logits = x2 @ W
+        logits = x2 @ W.T
     elif cfg.router == "sequence":
         m = torch.ones(x.shape[:2], dtype=x.dtype) if mask is None else mask[:, -x.shape[1] :].to(x.dtype)
         pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        logits = (pooled @ W).repeat_interleave(x.shape[1], 0)
+        logits = (pooled @ W.T).repeat_interleave(x.shape[1], 0)
     else:
         logits = W[task_ids].repeat_interleave(x2.shape[0] // task_ids.numel(), 0)
     gates = naive_gates(logits, cfg.routing, cfg.top_k, cfg.router_temperature)

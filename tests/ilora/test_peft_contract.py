@@ -62,8 +62,8 @@ def test_save_writes_ilora_config_and_safetensors(model_kind: str, setting: str,
     e_a = 1 if SETTINGS[setting].get("shared_a", True) else E
     assert tensors[f"{key}.ilora_A"].shape == (e_a, layer.in_features, r)
     assert tensors[f"{key}.ilora_B"].shape == (E, r, layer.out_features)
-    router_rows = 3 if setting.startswith("task") else layer.in_features
-    assert tensors[f"{key}.ilora_router.weight"].shape == (router_rows, E)
+    router_shape = (3, E) if setting.startswith("task") else (E, layer.in_features)
+    assert tensors[f"{key}.ilora_router.weight"].shape == router_shape
     assert all(".ilora_" in k for k in tensors)
 
 

@@ -6,7 +6,7 @@ linear at module path ``M`` (possibly prefixed ``base_model.model.``)::
     M.lora_A.weight [r, in]    M.lora_B{i}.weight [out, r] (i = 0..N-1)    M.lora_route.weight [N, in]
 
 ilora's saved layout is ``base_model.model.P.ilora_A [1, in, r]``, ``P.ilora_B [N, r, out]``,
-``P.ilora_router.weight [in, N]``. ``M`` is mapped onto the target model's module path ``P``: older transformers
+``P.ilora_router.weight [N, in]``. ``M`` is mapped onto the target model's module path ``P``: older transformers
 named the Omni thinker's parts ``thinker.model.layers``, ``thinker.audio_tower``, ``thinker.visual`` (now
 ``model.language_model.layers``, ``model.audio_tower``, ``model.visual``), and a bare LLM checkpoint may sit under
 ``language_model.`` in the modular model.
@@ -110,7 +110,7 @@ def convert_authors_state_dict(
         converted = {
             "ilora_A": (parts["lora_A"].t().unsqueeze(0), "lora_A"),
             "ilora_B": (torch.stack([parts[f"lora_B{i}"].t() for i in heads]), "lora_B*"),
-            "ilora_router.weight": (parts["lora_route"].t(), "lora_route"),
+            "ilora_router.weight": (parts["lora_route"], "lora_route"),
         }
         live = {
             "ilora_A": layer.ilora_A[adapter],

@@ -35,7 +35,7 @@ if HAS_TRITON:
 
 def interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (read at launch time, not at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")  # triton's own parsing
 
 
 class kernel:
@@ -97,14 +97,15 @@ def _mm_kernel(
     HAS_GATE: tl.constexpr, HAS_BASE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows and K indices: token offsets (T * d) can pass 2**31 on long batches
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
     b_n = (rn // RN) * s_bn_o + (rn % RN) * s_bn_i
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_mask = rk < K
         ke = rk // RK
         kr = rk % RK

@@ -57,7 +57,7 @@ def test_non_contiguous_inputs(check, make_inputs, device):
     check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     T=st.integers(1, per_row_mod.BGMV_MAX_ROWS),
     d_in=st.integers(1, 80),

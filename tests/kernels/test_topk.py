@@ -62,21 +62,21 @@ def test_non_contiguous_inputs(check, make_inputs, device):
     check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     T=st.integers(1, 70),
     k=st.integers(1, 4),
     d_in=st.integers(1, 80),
     d_out=st.integers(1, 80),
     r=st.integers(1, 64),
-    E=st.integers(4, 64),
+    E=st.integers(1, 16),  # 64 experts are in SHAPES: the interpreter's cost grows with the number of blocks
     shared=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     with_base=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis_shapes(check, make_inputs, device, T, k, d_in, d_out, r, E, shared, dtype, with_base, seed):
-    inputs = _topk_inputs(make_inputs, device, T, k, d_in, d_out, r, E, shared, dtype, with_base, seed)
+    inputs = _topk_inputs(make_inputs, device, T, min(k, E), d_in, d_out, r, E, shared, dtype, with_base, seed)
     check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs), seed)
 
 

@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.max_steps=10")  # fmt: skip
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name in ("train", "demo"):
-            p.add_argument("--out", type=Path, help="run directory (overrides train.out)")
+        if name in ("train", "demo", "transfer"):
+            p.add_argument("--out", type=Path, help="output directory (overrides train.out, or transfer.out)")
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's newest)")
     return parser
@@ -76,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "transfer":
             from crabplus.transfer import TransferRunConfig, run_transfer
 
-            run_transfer(load_config(args.config, args.overrides, TransferRunConfig), progress=progress)
+            tcfg = load_config(args.config, args.overrides, TransferRunConfig)
+            if args.out:
+                tcfg.transfer.out = str(args.out)
+            run_transfer(tcfg, progress=progress)
             return 0
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "out", None):

@@ -50,7 +50,9 @@ def plot_router_usage(usage: Mapping[str, Mapping[str, Sequence[float]]], path: 
     cols = min(len(subsets), 5)
     rows = -(-len(subsets) // cols)
     height = max(3.0, 0.16 * len(layers) + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 2.5, height * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.2 * cols + 2.5, height * rows), squeeze=False, sharey=True, layout="constrained"
+    )
     image = None
     for ax, subset in zip(axes.flat, subsets):
         grid = np.array([usage[subset][layer] for layer in layers])
@@ -64,7 +66,7 @@ def plot_router_usage(usage: Mapping[str, Mapping[str, Sequence[float]]], path: 
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="mean routing weight")
     fig.suptitle(title or "I-LoRA router usage per task (rows: layers, columns: experts)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 

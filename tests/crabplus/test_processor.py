@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from crabplus.models.tokenizer import SPECIAL
 from crabplus.processor import (
     CLIP_MEAN,
     CLIP_STD,
@@ -15,6 +14,7 @@ from crabplus.processor import (
     qwen_patchify,
     smart_resize,
 )
+from crabplus.tokenizer import SPECIAL
 from transformers import WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import ilora
-from crabplus.models import build_model  # first: importing crabplus.processor first hits a models <-> processor cycle
+from crabplus.models import build_model
 
 # isort: split
 from crabplus.checkpoint import latest_checkpoint, load_weights

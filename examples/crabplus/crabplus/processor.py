@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from .models.tokenizer import SPECIAL, special_token_ids
 from .sample import AUDIO_SAMPLE_RATE, Sample
+from .tokenizer import SPECIAL, special_token_ids
 
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

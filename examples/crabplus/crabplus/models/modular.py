@@ -32,8 +32,8 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from ..tokenizer import build_tiny_tokenizer, special_token_ids
 from .adapters import Part
-from .tokenizer import build_tiny_tokenizer, special_token_ids
 
 MODULAR_PARTS = (
     Part("llm", ("language_model",), ("language_model",)),

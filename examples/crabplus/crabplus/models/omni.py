@@ -15,8 +15,8 @@ from transformers import (
     Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
+from ..tokenizer import build_tiny_tokenizer, special_token_ids
 from .adapters import Part
-from .tokenizer import build_tiny_tokenizer, special_token_ids
 
 OMNI_PARTS = (
     Part("llm", ("model.language_model", "lm_head"), ("language_model", "lm_head")),

@@ -53,7 +53,6 @@ class ILoraLayer(BaseTunerLayer):
         self._merged_gates: dict[str, torch.Tensor] = {}
         self._aux: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
-        self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: ILoraConfig) -> None:
         """Create (or re-create) the experts and router of ``adapter_name``."""

@@ -27,9 +27,28 @@ class RoutingRecorder:
     def add(self, layer_name: str, gates: torch.Tensor) -> None:
         self.weights[layer_name].append(gates.detach().float().cpu())
 
-    def usage(self) -> dict[str, torch.Tensor]:
-        """Mean routing weight per expert for each layer, over every recorded token."""
-        return {name: torch.cat(ws).mean(0) for name, ws in self.weights.items()}
+    def usage(self, group: torch.distributed.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+        """Mean routing weight per expert for each layer, over every recorded token (of every rank of ``group``,
+        when given: every rank must call it, having recorded the same layers)."""
+        names = sorted(self.weights)
+        sums = [torch.cat(self.weights[n]).sum(0) for n in names]
+        counts = [float(sum(w.shape[0] for w in self.weights[n])) for n in names]
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            import torch.distributed as dist
+
+            flat = torch.cat([torch.cat(sums), torch.tensor(counts)]) if names else torch.zeros(0)
+            sizes = torch.tensor([flat.numel(), -flat.numel()])
+            dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+            if int(sizes[0]) != -int(sizes[1]):
+                raise RuntimeError("RoutingRecorder.usage: ranks recorded different routed layers")
+            backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            flat = flat.to(backend_device)
+            dist.all_reduce(flat, group=group)
+            flat = flat.cpu()
+            head = flat[: flat.numel() - len(names)]
+            sums = list(head.split([s.numel() for s in sums]))
+            counts = flat[-len(names) :].tolist() if names else []
+        return {n: s / c for n, s, c in zip(names, sums, counts, strict=True)}
 
 
 @dataclass

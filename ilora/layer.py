@@ -15,7 +15,7 @@ from torch import nn
 from . import functional as F
 from .config import ILoraConfig
 from .context import STATE
-from .losses import balance_loss, z_loss
+from .losses import router_stats
 from .router import build_router, check_finite, gate
 
 # Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
@@ -51,7 +51,7 @@ class ILoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merged_gates: dict[str, torch.Tensor] = {}
-        self._aux: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._aux: dict[str, torch.Tensor] = {}  # router statistics of the last training forward
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
 
     def update_layer(self, adapter_name: str, config: ILoraConfig) -> None:
@@ -167,7 +167,7 @@ class Linear(nn.Module, ILoraLayer):
         if STATE.recorder is not None:
             STATE.recorder.add(self.ilora_name, gates.to_dense(config.num_experts))
         if self.training and (config.balance_loss_coef or config.router_z_loss_coef):
-            self._aux[name] = (balance_loss(logits, gates), z_loss(logits))
+            self._aux[name] = router_stats(logits, gates)
         else:
             self._aux.pop(name, None)
 

@@ -1,7 +1,10 @@
 """Auxiliary router losses (load balance, z-loss) and ``aux_loss``, which collects them from a whole model.
 
-Layers compute their losses during a training forward only when a coefficient is set; ``aux_loss`` then sums
-``coef * loss`` per adapter and averages over routed layers, so a coefficient means the same at any depth.
+A routed layer keeps, per training forward, its router statistics as *sums over tokens* (``router_stats``); the losses
+are computed from them only in ``aux_loss``. Sums add across data-parallel ranks, so with ``group=`` the losses are
+those of the global batch, not a mean of per-rank losses: one all-reduce for the whole model.
+``aux_loss`` sums ``coef * loss`` per adapter and averages over routed layers, so a coefficient means the same at any
+depth.
 """
 
 from __future__ import annotations
@@ -12,41 +15,100 @@ from torch import nn
 from .router import Gates
 
 
-def balance_loss(logits: torch.Tensor, gates: Gates) -> torch.Tensor:
+def router_stats(logits: torch.Tensor, gates: Gates) -> torch.Tensor:
+    """Sufficient statistics of one router call, a float32 vector ``[2E + 3]``.
+
+    ``[prob_sum (E), share_sum (E), share_count, logsumexp_sq_sum, tokens]``: the share is the router probability
+    itself for soft routing and the expert assignments for top-k (a count, without gradient).
+    """
+    logits = logits.float()
+    num_experts = logits.shape[-1]
+    prob_sum = torch.softmax(logits, dim=-1).sum(0)
+    tokens = logits.new_tensor([float(logits.shape[0])])
+    if gates.indices is None:
+        share_sum, share_count = prob_sum, tokens
+    else:
+        share_sum = torch.bincount(gates.indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
+        share_count = logits.new_tensor([float(gates.indices.numel())])
+    lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
+    return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
+
+
+def balance_from_stats(stats: torch.Tensor) -> torch.Tensor:
     """``E * sum_e f_e * P_e``: P the mean router probability, f the share of assignments (top-k) or P (soft).
 
     Equals 1 at perfectly uniform usage and grows as routing collapses onto few experts.
     """
-    num_experts = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1).mean(0)
-    if gates.indices is None:
-        share = probs
-    else:
-        counts = torch.bincount(gates.indices.reshape(-1), minlength=num_experts).to(probs.dtype)
-        share = counts / gates.indices.numel()
+    num_experts = (stats.numel() - 3) // 2
+    probs = stats[:num_experts] / stats[-1]
+    share = stats[num_experts : 2 * num_experts] / stats[-3]
     return num_experts * (share * probs).sum()
 
 
+def z_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: the mean squared log-partition, keeps logits small."""
+    return stats[-2] / stats[-1]
+
+
+def balance_loss(logits: torch.Tensor, gates: Gates) -> torch.Tensor:
+    """The load-balance loss of one router call (see ``balance_from_stats``)."""
+    return balance_from_stats(router_stats(logits, gates))
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-partition, keeps logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    """The z-loss of one router call's logits ``[T, E]``."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """The weighted auxiliary router losses of the last training forward of ``model`` (0 when none are set)."""
+def _all_reduce_stats(
+    stats: list[torch.Tensor], group: torch.distributed.ProcessGroup, device: torch.device
+) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    flat = torch.cat(stats) if stats else torch.zeros(0, device=device)
+    # A layer that ran on some ranks only would pair different statistics (or hang); one scalar collective tells.
+    sizes = flat.new_tensor([flat.numel(), -flat.numel()])
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    if int(sizes[0]) != -int(sizes[1]):
+        raise RuntimeError(
+            f"aux_loss: routed layers differ across ranks ({flat.numel()} router statistics here, between "
+            f"{-int(sizes[1])} and {int(sizes[0])} elsewhere); every rank must run the same routed layers"
+        )
+    if not stats:
+        return []
+    total = flat.detach().clone()
+    dist.all_reduce(total, group=group)
+    # Value: the global sums. Gradient: `world` times this rank's own share, so the data-parallel average over ranks
+    # is exactly the gradient of the global-batch loss. No collective runs in backward, where its place among DDP's
+    # or FSDP's gradient reductions could differ between ranks (top-k graphs depend on the data) and deadlock.
+    flat = total + dist.get_world_size(group) * (flat - flat.detach())
+    return list(flat.split([s.numel() for s in stats]))
+
+
+def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    """The weighted auxiliary router losses of the last training forward of ``model`` (0 when none are set).
+
+    ``group`` (e.g. ``torch.distributed.group.WORLD``): compute the losses over the batch of every rank of the group,
+    with one all-reduce; every rank must call it, and the gradients must then be averaged over the group (as DDP,
+    FSDP and DeepSpeed do). Without it, each rank's loss covers its own tokens.
+    """
     from .layer import ILoraLayer
 
-    total: torch.Tensor | None = None
+    entries: list[tuple[float, float]] = []
+    stats: list[torch.Tensor] = []
     layers = 0
     for module in model.modules():
         if not isinstance(module, ILoraLayer) or not module._aux:
             continue
         layers += 1
-        for name, (balance, z) in module._aux.items():
+        for name, layer_stats in module._aux.items():
             config = module.ilora_config[name]
-            term = config.balance_loss_coef * balance + config.router_z_loss_coef * z
-            total = term if total is None else total + term
-    if total is None:
-        device = next(model.parameters()).device
+            entries.append((config.balance_loss_coef, config.router_z_loss_coef))
+            stats.append(layer_stats)
+    device = stats[0].device if stats else next(model.parameters()).device
+    if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        stats = _all_reduce_stats(stats, group, device)
+    if not stats:
         return torch.zeros((), device=device)
+    total = sum(b * balance_from_stats(s) + z * z_from_stats(s) for (b, z), s in zip(entries, stats, strict=True))
     return total / layers

@@ -36,3 +36,23 @@ def test_trainer_adds_aux_loss_to_the_training_loss(tmp_path) -> None:
     before = router.detach().clone()
     trainer.train()
     assert not torch.equal(before, router.detach())
+
+
+def test_aux_loss_follows_the_trainers_accumulation_scaling(tmp_path) -> None:
+    # When the task loss is normalized by the step's token count the Trainer no longer divides by the accumulation
+    # steps, so the aux term must be divided here, or it would weigh `steps` times more than configured.
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, target_modules=targets("llama"), balance_loss_coef=1.0)
+    model = get_peft_model(build("llama"), cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+    trainer = ilora.ILoraTrainer(model=model, args=args, train_dataset=_Tokens())
+    trainer.current_gradient_accumulation_steps = 2
+    assert trainer.model_accepts_loss_kwargs
+    batch = {k: torch.stack([_Tokens()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    model.train()
+    task = model(**batch).loss
+    aux = ilora.aux_loss(model)
+    assert aux.item() > 0.5
+    tokens = torch.tensor(int(batch["labels"][:, 1:].numel()))
+    torch.testing.assert_close(trainer.compute_loss(model, batch, num_items_in_batch=tokens), task + aux / 2)
+    torch.testing.assert_close(trainer.compute_loss(model, batch), task + aux)

@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml examples/crabplus/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[triton,crabplus,dev]" -e examples/crabplus
+	# DeepSpeed builds against the torch above: without build isolation, or pip would fetch another (CUDA) torch.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation wheel deepspeed==0.19.8
 	rm -rf $(OLDEST) && $(BIN)/pip install -q --no-deps --target $(OLDEST) $(OLDEST_PINS)
 	touch $@
 

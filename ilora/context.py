@@ -74,6 +74,15 @@ def _as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
     return t.reshape(-1).long()
 
 
+def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
+    """The current call's attention mask as a bool ``[batch * seq]`` token mask when ``x [batch, seq, d]`` lines up
+    with it (the language model's layers); None elsewhere (towers with their own token layout, 2-D inputs)."""
+    mask = STATE.attention_mask
+    if mask is None or x.dim() != 3 or mask.shape != x.shape[:2]:
+        return None
+    return mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+
 @contextlib.contextmanager
 def routing_context(
     task_ids: int | torch.Tensor | list[int] | None = None, attention_mask: torch.Tensor | None = None

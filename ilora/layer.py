@@ -14,7 +14,7 @@ from torch import nn
 
 from . import functional as F
 from .config import ILoraConfig
-from .context import STATE
+from .context import STATE, padding_mask_for
 from .losses import router_stats
 from .router import build_router, check_finite, gate
 
@@ -167,7 +167,7 @@ class Linear(nn.Module, ILoraLayer):
         if STATE.recorder is not None:
             STATE.recorder.add(self.ilora_name, gates.to_dense(config.num_experts))
         if self.training and (config.balance_loss_coef or config.router_z_loss_coef):
-            self._aux[name] = router_stats(logits, gates)
+            self._aux[name] = router_stats(logits, gates, padding_mask_for(x))
         else:
             self._aux.pop(name, None)
 

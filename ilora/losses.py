@@ -15,21 +15,27 @@ from torch import nn
 from .router import Gates
 
 
-def router_stats(logits: torch.Tensor, gates: Gates) -> torch.Tensor:
+def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Sufficient statistics of one router call, a float32 vector ``[2E + 3]``.
 
     ``[prob_sum (E), share_sum (E), share_count, logsumexp_sq_sum, tokens]``: the share is the router probability
-    itself for soft routing and the expert assignments for top-k (a count, without gradient).
+    itself for soft routing and the expert assignments for top-k (a count, without gradient). ``keep`` (bool
+    ``[T]``) leaves tokens out, padding in particular: otherwise how a batch is padded, which differs with how it
+    is split over ranks, would change the losses.
     """
+    indices = gates.indices
+    if keep is not None:
+        logits = logits[keep]
+        indices = None if indices is None else indices[keep]
     logits = logits.float()
     num_experts = logits.shape[-1]
     prob_sum = torch.softmax(logits, dim=-1).sum(0)
     tokens = logits.new_tensor([float(logits.shape[0])])
-    if gates.indices is None:
+    if indices is None:
         share_sum, share_count = prob_sum, tokens
     else:
-        share_sum = torch.bincount(gates.indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
-        share_count = logits.new_tensor([float(gates.indices.numel())])
+        share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
+        share_count = logits.new_tensor([float(indices.numel())])
     lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
     return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
 
@@ -40,14 +46,14 @@ def balance_from_stats(stats: torch.Tensor) -> torch.Tensor:
     Equals 1 at perfectly uniform usage and grows as routing collapses onto few experts.
     """
     num_experts = (stats.numel() - 3) // 2
-    probs = stats[:num_experts] / stats[-1]
-    share = stats[num_experts : 2 * num_experts] / stats[-3]
+    probs = stats[:num_experts] / stats[-1].clamp_min(1.0)
+    share = stats[num_experts : 2 * num_experts] / stats[-3].clamp_min(1.0)
     return num_experts * (share * probs).sum()
 
 
 def z_from_stats(stats: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: the mean squared log-partition, keeps logits small."""
-    return stats[-2] / stats[-1]
+    return stats[-2] / stats[-1].clamp_min(1.0)
 
 
 def balance_loss(logits: torch.Tensor, gates: Gates) -> torch.Tensor:

@@ -12,8 +12,9 @@ from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
+from crabplus.distributed import rank_batches
 from crabplus.models import ModelConfig
-from crabplus.train import DataConfig, EvalConfig, RunConfig, TrainConfig, epoch_batches, load_config, train
+from crabplus.train import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config, train
 from safetensors.torch import load_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs"
@@ -55,9 +56,9 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 
 
 def test_data_order_depends_on_seed_and_epoch_only():
-    assert epoch_batches(10, 3, 0, 1) == epoch_batches(10, 3, 0, 1)
-    assert epoch_batches(10, 3, 0, 1) != epoch_batches(10, 3, 0, 2)
-    assert sorted(i for b in epoch_batches(10, 3, 5, 0) for i in b) == list(range(10))
+    assert rank_batches(10, 3, 1, 0, 1) == rank_batches(10, 3, 1, 0, 1)
+    assert rank_batches(10, 3, 1, 0, 1) != rank_batches(10, 3, 1, 0, 2)
+    assert sorted(i for b in rank_batches(10, 3, 1, 5, 0) for i in b) == list(range(10))
 
 
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):

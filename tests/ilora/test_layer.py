@@ -187,3 +187,28 @@ def test_forced_triton_without_a_runnable_triton_is_an_error(monkeypatch) -> Non
         pytest.skip("a GPU can run Triton")
     with pytest.raises(RuntimeError, match="use_kernels='triton'"):
         layer(torch.randn(2, 8))
+
+
+def test_padding_does_not_count_in_the_router_losses() -> None:
+    # The same two sequences padded to 7 or to 11 tokens: the aux loss must not see the difference, or it would
+    # depend on how a global batch is split over data-parallel ranks (each pads to its own longest sequence).
+    from peft import get_peft_model
+
+    from .conftest import build, targets
+
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=2, target_modules=targets("llama"),
+                            balance_loss_coef=1.0, router_z_loss_coef=0.1)  # fmt: skip
+    model = get_peft_model(build("llama"), cfg)
+    model.train()
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # the second sequence is 4 tokens long
+    losses = []
+    for extra in (0, 4):
+        padded_ids = torch.cat([ids, torch.zeros(2, extra, dtype=ids.dtype)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(2, extra, dtype=mask.dtype)], 1)
+        model(input_ids=padded_ids, attention_mask=padded_mask)
+        losses.append(ilora.aux_loss(model))
+    torch.testing.assert_close(losses[0], losses[1])
+    model(input_ids=ids)  # without a mask every token counts
+    assert not torch.allclose(ilora.aux_loss(model), losses[0])

@@ -2,6 +2,7 @@
 
     crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
     crabplus train --config examples/crabplus/configs/tiny.yaml
+    torchrun --nproc_per_node 2 -m crabplus train --config ... [--set train.strategy=fsdp]
     crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR]
     crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml
 
@@ -16,6 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from crabplus.train import RunConfig, load_config
 
@@ -37,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("train", "demo", "transfer"):
             p.add_argument("--out", type=Path, help="output directory (overrides train.out, or transfer.out)")
+        if name == "train":
+            p.add_argument("--stop-after", type=int, metavar="STEP",
+                           help="stop after this step with a checkpoint (a later run resumes there)")  # fmt: skip
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's newest)")
     return parser
@@ -89,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             from crabplus.train import loss_summary, train
 
-            result = train(cfg, progress=progress)
+            result = train(cfg, stop_after=args.stop_after, progress=progress)
+            if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
+                main_rank = torch.distributed.get_rank() == 0
+                torch.distributed.destroy_process_group()
+                if not main_rank:
+                    return 0
             print(loss_summary(result.losses))
             print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
         else:

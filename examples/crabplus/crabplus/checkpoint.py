@@ -1,20 +1,23 @@
-"""Training checkpoints: the adapter (PEFT ``save_pretrained``), optimizer, scheduler, RNG states and data position.
+"""Training checkpoints: the adapter (PEFT ``save_pretrained``), optimizer, scheduler and data position.
 
 Layout of ``<run>/checkpoints/step-000120/``::
 
     adapter/adapter_model.safetensors, adapter_config.json   (PEFT; ``model.safetensors`` of the trainable
                                                                parameters when the model is not a PEFT model)
-    state.safetensors + state.json                           (optimizer, scheduler, RNG, step, data position)
+    state.safetensors + state.json                           (optimizer by parameter name, scheduler, progress)
+    deepspeed/                                               (DeepSpeed runs only: its partitioned optimizer)
 
-Nothing is ever unpickled: tensors live in safetensors, everything else in JSON. A checkpoint is written into a
-temporary directory and renamed into place, so a crash mid-save leaves the previous checkpoints as they were.
+The adapter and optimizer state are gathered in full whatever the engine (DDP, FSDP, one process), so a checkpoint
+loads in one process and resumes on any number of processes. No RNG state is kept: training reseeds every step from
+``(seed, step, rank)``. Nothing is ever unpickled: tensors live in safetensors, everything else in JSON. A
+checkpoint is written into a temporary directory and renamed into place, so a crash mid-save leaves the previous
+checkpoints as they were.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from crabplus.distributed import Engine
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -86,27 +91,6 @@ def load_tree(stem: Path) -> Any:
     return _decode(json.loads(stem.with_suffix(".json").read_text()), tensors)
 
 
-# ---------------------------------------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` returned (after a round trip through ``save_tree``)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ------------------------------------------------------------------------------------------------ model weights
 
 
@@ -114,14 +98,18 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """The trained weights: the PEFT adapter via ``save_pretrained``, else the parameters with ``requires_grad``."""
+def save_weights(model: nn.Module, directory: Path, trained: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights: the PEFT adapter via ``save_pretrained``, else the parameters with ``requires_grad``.
+
+    ``trained``: the full trainable state dict when the model is sharded (gathered by the engine beforehand).
+    """
+    if trained is None:
+        trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     if _is_peft(model):
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), state_dict=trained)
         return
     directory.mkdir(parents=True, exist_ok=True)
-    trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, str(directory / "model.safetensors"))
+    save_file({n: t.contiguous() for n, t in trained.items()}, str(directory / "model.safetensors"))
 
 
 def load_weights(model: nn.Module, directory: str | Path) -> None:
@@ -164,56 +152,54 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    progress: dict[str, Any],
-    keep: int = 2,
+    run_dir: str | Path, step: int, engine: Engine, scheduler: Any, progress: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write ``step-<step>`` atomically and keep only the newest ``keep`` checkpoints; returns its path."""
+    """Write ``step-<step>`` atomically and keep only the newest ``keep`` checkpoints; returns its path.
+
+    Called on every rank (gathering a sharded model is collective); rank 0 writes, except DeepSpeed's per-rank files.
+    """
+    world = engine.world
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
+    tmp = root / f".tmp-{final.name}"
+    trained = engine.trained_state_dict()
+    optimizer = engine.optimizer_state()
+    error: BaseException | None = None
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_weights(model, tmp / "adapter")
-        state = {
-            "progress": progress,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        }
-        save_tree(tmp / "state", state)
+    world.barrier()
+    try:
+        engine.save_engine_state(tmp)
+        if world.main:
+            save_weights(engine.module, tmp / "adapter", trained)
+            state = {"progress": progress, "optimizer": optimizer, "scheduler": scheduler.state_dict()}
+            save_tree(tmp / "state", state)
+    except BaseException as exc:
+        if world.size == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        error = exc
+    if world.sum([float(error is not None)])[0]:  # every rank learns of a failure anywhere, and stops
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"saving {final} failed on a rank; the previous checkpoints are intact") from error
+    if world.main:
         if final.exists():  # the same step saved again (a resumed run's last step): swap, never delete first
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            old = root / f".tmp-old-{final.name}"
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        for stale in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    world.barrier()
     return final
 
 
-def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
-) -> dict[str, Any]:
-    """Restore weights (and optimizer, scheduler and RNG states when given an optimizer); returns the progress."""
-    path = Path(path)
-    load_weights(model, path / "adapter")
-    state = load_tree(path / "state")
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-    return state["progress"]
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's training state (``progress``, ``optimizer``, ``scheduler``), without the weights."""
+    return load_tree(Path(path) / "state")

@@ -30,8 +30,17 @@ import yaml
 from tqdm.auto import tqdm
 
 import ilora
-from crabplus.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from crabplus.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
 from crabplus.data.avuie import AVUIEDataset, LoadReport, collate_samples
+from crabplus.distributed import (
+    Strategy,
+    World,
+    build_engine,
+    deepspeed_config,
+    init_world,
+    rank_batches,
+    resolve_strategy,
+)
 from crabplus.models import ModelConfig, build_model
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
@@ -90,6 +99,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    strategy: Strategy = "auto"
+    """Data parallelism over the processes ``torchrun`` / ``accelerate launch`` start: ``ddp``, ``fsdp`` (FSDP2),
+    ``deepspeed`` (with ``deepspeed_config``) or ``none``; ``auto``: DDP when there are several processes.
+    ``batch_size`` is per process: the global batch of a step is ``batch_size x grad_accum x processes``."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON config (``configs/zero2.json``: ZeRO-2 as in the paper)."""
 
 
 @dataclass
@@ -285,12 +300,6 @@ def synthesize(cfg: RunConfig, root: str | Path) -> Path:
     return root
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's micro-batches of dataset indices: a permutation drawn from ``(seed, epoch)`` alone."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 class BatchCollator:
     """Samples -> a padded batch; unreadable samples (None) and samples the processor refuses are dropped and
     counted. Returns ``(batch or None, dropped)``."""
@@ -309,15 +318,23 @@ class BatchCollator:
         return (self.processor.collate(items) if items else None), dropped
 
 
+# May change when a run resumes: how the global batch is split over processes, and how they run.
+_RESUMABLE_CHANGES = {"train.batch_size", "train.grad_accum", "train.strategy", "train.deepspeed_config",
+                      "train.threads", "train.device", "data.num_workers"}  # fmt: skip
+
+
 def _check_run_dir(run_dir: Path, cfg: Any) -> None:
     saved = run_dir / "config.yaml"
     resolved = config_dict(cfg)
     if latest_checkpoint(run_dir) is not None and saved.is_file():
         before = yaml.safe_load(saved.read_text())
-        if before != resolved:
-            diff = sorted(
-                f"{s}.{k}" for s in resolved for k in resolved[s] if before.get(s, {}).get(k) != resolved[s][k]
-            )
+        diff = sorted(
+            key
+            for s in resolved
+            for k in resolved[s]
+            if before.get(s, {}).get(k) != resolved[s][k] and (key := f"{s}.{k}") not in _RESUMABLE_CHANGES
+        )
+        if diff:
             raise ValueError(f"{run_dir} holds checkpoints of a different config (differs in {diff}); "
                              "use another train.out or delete the run directory")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,100 +348,168 @@ def _read_log(path: Path, upto: int) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed Python, NumPy and torch for one optimizer step of one rank: dropout and any other draw of the step are a
+    function of ``(seed, step, rank)``, so a resumed run repeats them without saved generator states."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions (float32): normalized by the caller over the
+    whole step, across micro-batches and ranks, so every labelled token weighs the same."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100,
+        reduction="sum",
+    )  # fmt: skip
+
+
+def _label_tokens(batch: dict[str, torch.Tensor] | None) -> int:
+    return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _step_batches(
+    batches: list[dict[str, torch.Tensor] | None], spare: dict[str, torch.Tensor] | None, world: World
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The micro-batches this rank runs in one step, and the step's labelled tokens over all ranks.
+
+    Under data parallelism every rank must run as many forwards as the others: a rank left without a sample (an
+    epoch's last, short global batch, or only unreadable records) runs ``spare`` with its labels masked, which adds
+    nothing to the loss; a micro-batch no rank can fill this way is skipped everywhere.
+    """
+    if world.size > 1:
+        masked = None if spare is None else {**spare, "labels": torch.full_like(spare["labels"], -100)}
+        batches = [masked if b is None else b for b in batches]
+    counts = world.sum([float(sum(_label_tokens(b) for b in batches))] + [float(b is None) for b in batches])
+    runnable = [b for b, missing in zip(batches, counts[1:], strict=True) if b is not None and not missing]
+    return runnable, int(counts[0])
+
+
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run ``cfg.train.out``; ``stop_after`` ends after that step with a checkpoint, as an
-    interruption would."""
+    """Train (or resume) the run ``cfg.train.out`` on this process, or as one rank of a ``torchrun`` /
+    ``accelerate launch`` job; ``stop_after`` ends after that step with a checkpoint, as an interruption would."""
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    world = init_world(t.device)
+    strategy = resolve_strategy(t.strategy, world)
     run_dir = Path(t.out)
-    _check_run_dir(run_dir, cfg)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    if world.main:
+        _check_run_dir(run_dir, cfg)
+    world.barrier()
+    seed_step(t.seed, 0, 0)  # the same initialization on every rank
     dataset = train_dataset(cfg)
     if len(dataset) == 0:
         raise ValueError(f"data.root: no usable training records in {cfg.data.root} for subsets {cfg.subsets()}\n"
                          + dataset.report.summary())  # fmt: skip
-    device = resolve_device(t.device)
+    device = world.device
     model, processor = build_model(cfg.model)
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model: nothing to train (every part frozen and adapter 'none')")
     if t.bf16:
-        for p in trainable:  # bf16 compute under autocast, float32 master weights for the optimizer
-            p.data = p.data.float()
+        for p in model.parameters():  # bf16 compute under autocast, float32 master weights for the optimizer
+            if p.requires_grad:
+                p.data = p.data.float()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    micro_per_epoch = math.ceil(len(dataset) / t.batch_size)
+    global_micro = t.batch_size * world.size
+    global_batch = global_micro * t.grad_accum
+    micro_per_epoch = math.ceil(len(dataset) / global_micro)
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
     total = t.max_steps or t.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    ckpt = latest_checkpoint(run_dir)
+    state = load_state(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        load_weights(model, ckpt / "adapter")  # before sharding: full tensors into plain parameters
+        if state["progress"]["global_batch"] != global_batch:
+            raise ValueError(
+                f"{ckpt}: the run trained with a global batch of {state['progress']['global_batch']}, now "
+                f"train.batch_size x train.grad_accum x processes = {t.batch_size} x {t.grad_accum} x {world.size}"
+                f" = {global_batch}; resume with the same global batch"
+            )
+    ds = deepspeed_config(t.deepspeed_config, t.batch_size, t.grad_accum, world, t.max_grad_norm) if (
+        strategy == "deepspeed") else None  # fmt: skip
+    engine = build_engine(
+        strategy, model, lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), world, ds
+    )
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(_SCHEDULERS[t.scheduler], optimizer, math.ceil(t.warmup_ratio * total), total)
+    scheduler = get_scheduler(_SCHEDULERS[t.scheduler], engine.optimizer, math.ceil(t.warmup_ratio * total), total)
 
-    step, epoch, micro = 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
+    step, epoch, consumed = 0, 0, 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step, epoch, micro = state["step"], state["epoch"], state["micro"]
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, step, epoch, micro)
+        engine.load_optimizer_state(state["optimizer"], ckpt)
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, consumed = (state["progress"][k] for k in ("step", "epoch", "samples"))
+        log.info("resumed from %s (step %d, epoch %d, %d samples in)", ckpt, step, epoch, consumed)
+    micro = consumed // global_micro
     log_path = run_dir / "train_log.csv"
-    rows = _read_log(log_path, step)
-    with log_path.open("w", newline="") as f:  # drop rows past the checkpoint: they are recomputed
-        writer = csv.DictWriter(f, LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    if world.main:
+        rows = _read_log(log_path, step)
+        with log_path.open("w", newline="") as f:  # drop rows past the checkpoint: they are recomputed
+            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
 
     collate = BatchCollator(processor)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
-    steps, losses, skipped, saved_at = [], [], 0, None
-    bar = tqdm(total=total, initial=step, desc=f"train {run_dir.name}", unit="step", disable=not progress)
-    log_file = log_path.open("a", newline="")
-    writer = csv.DictWriter(log_file, LOG_FIELDS)
+    steps, losses, skipped, spare, saved_at = [], [], 0, None, None
+    show = progress and world.main
+    bar = tqdm(total=total, initial=step, desc=f"train {run_dir.name}", unit="step", disable=not show)
+    log_file = log_path.open("a", newline="") if world.main else None
     try:
         while step < total:
-            batches = epoch_batches(len(dataset), t.batch_size, t.seed, epoch)
-            # An own generator: a DataLoader otherwise draws its base seed from the global RNG, which would make
-            # a run resumed mid-epoch draw differently from an uninterrupted one.
-            loader = torch.utils.data.DataLoader(
+            batches = rank_batches(len(dataset), t.batch_size, world, t.seed, epoch)
+            # An own generator: a DataLoader otherwise draws its base seed from the global RNG.
+            loader = iter(torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches[micro:], collate_fn=collate, num_workers=cfg.data.num_workers,
                 generator=torch.Generator().manual_seed(t.seed),
-            )  # fmt: skip
-            group_loss, group_aux, group_n, tokens, began = 0.0, 0.0, 0, 0, time.perf_counter()
-            for batch, dropped in loader:
-                micro += 1
-                skipped += dropped
-                if batch is not None:
+            ))  # fmt: skip
+            while step < total and micro < len(batches):
+                began = time.perf_counter()
+                group = []
+                for _ in range(min(t.grad_accum, len(batches) - micro)):
+                    batch, dropped = next(loader)  # (None, 0) for an empty part
+                    group.append(batch)
+                    skipped += dropped
+                    micro += 1
+                spare = next((b for b in reversed(group) if b is not None), spare)
+                runnable, label_tokens = _step_batches(group, spare, world)
+                seed_step(t.seed, step + 1, world.rank)
+                loss_sum, aux_sum, tokens = 0.0, 0.0, 0
+                for i, batch in enumerate(runnable):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast:
-                        out = model(**batch)
-                        aux = ilora.aux_loss(model)
-                    ((out.loss + aux) / t.grad_accum).backward()
-                    group_loss += float(out.loss.detach())
-                    group_aux += float(aux.detach())
-                    group_n += 1
+                    labels = batch.pop("labels")
+                    with engine.accumulating(sync=i == len(runnable) - 1):
+                        with autocast:
+                            out = engine.model(**batch)
+                            token_loss = token_loss_sum(out.logits, labels)
+                            aux = ilora.aux_loss(engine.module, world.group)
+                        # DDP, FSDP and DeepSpeed average gradients over ranks: scale back up by the rank count.
+                        engine.backward(token_loss * world.size / max(label_tokens, 1) + aux / len(runnable))
+                    loss_sum += float(token_loss.detach())
+                    aux_sum += float(aux.detach())
                     tokens += int(batch["attention_mask"].sum())
-                if micro % t.grad_accum and micro < len(batches):
-                    continue
-                if group_n:
-                    if t.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if runnable:
+                    engine.step(t.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
-                loss = group_loss / group_n if group_n else float("nan")
+                loss_sum, tokens = world.sum([loss_sum, float(tokens)])
+                loss = loss_sum / label_tokens if label_tokens else float("nan")
+                aux_mean = aux_sum / max(len(runnable), 1)
                 rate = tokens / max(time.perf_counter() - began, 1e-9)
-                aux_mean = group_aux / max(group_n, 1)
-                writer.writerow(dict(step=step, epoch=epoch, loss=f"{loss:.6f}", aux_loss=f"{aux_mean:.6f}",
-                                     lr=f"{lr:.3e}", tokens_per_s=f"{rate:.1f}"))  # fmt: skip
-                log_file.flush()
+                if log_file is not None:
+                    csv.DictWriter(log_file, LOG_FIELDS).writerow(dict(
+                        step=step, epoch=epoch, loss=f"{loss:.6f}", aux_loss=f"{aux_mean:.6f}", lr=f"{lr:.3e}",
+                        tokens_per_s=f"{rate:.1f}",
+                    ))  # fmt: skip
+                    log_file.flush()
                 steps.append(step)
                 losses.append(loss)
                 bar.update(1)
@@ -432,9 +517,10 @@ def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) 
                 at_end = step >= total or step == stop_after
                 if at_end or (t.save_every and step % t.save_every == 0):
                     done_epoch = micro >= len(batches)
-                    position = dict(step=step, epoch=epoch + done_epoch, micro=0 if done_epoch else micro)
-                    saved_at = save_checkpoint(run_dir, step, model, optimizer, scheduler, position, t.keep_checkpoints)
-                group_loss, group_aux, group_n, tokens, began = 0.0, 0.0, 0, 0, time.perf_counter()
+                    samples = 0 if done_epoch else micro * global_micro
+                    position = dict(step=step, epoch=epoch + done_epoch, samples=samples, global_batch=global_batch,
+                                    world_size=world.size)  # fmt: skip
+                    saved_at = save_checkpoint(run_dir, step, engine, scheduler, position, t.keep_checkpoints)
                 if at_end:
                     break
             else:
@@ -443,9 +529,12 @@ def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) 
             break
     finally:
         bar.close()
-        log_file.close()
-    if skipped:
+        if log_file is not None:
+            log_file.close()
+    skipped = int(world.sum([float(skipped)])[0])
+    if skipped and world.main:
         log.warning("training skipped %d unreadable sample(s)\n%s", skipped, dataset.report.summary())
+    world.barrier()
     return TrainResult(run_dir, steps, losses, total, saved_at or ckpt, skipped, dataset.report)
 
 

@@ -59,9 +59,23 @@ class _State:
     # Sequence routing during cached generation: the decision made on the prompt is kept for the decode steps.
     reuse_sequence_gates: bool = False
     sequence_gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    # The last training forward's (task_ids, attention_mask), for its recomputation during backward.
+    recompute: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
 
 STATE = _State()
+
+
+def call_state() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(task_ids, attention_mask)`` of the call being computed.
+
+    Inside backward that is activation checkpointing recomputing a training forward: it must see that forward's
+    state, not whatever the caller's is now, or the recomputed routing (and the saved tensors) would differ.
+    """
+    if STATE.recompute is not None and torch._C._current_graph_task_id() != -1:
+        return STATE.recompute
+    return STATE.task_ids, STATE.attention_mask
+
 
 # The forward keyword that carries task ids into a model wrapped by PEFT (``model(**batch, ilora_task_ids=ids)``).
 TASK_IDS_KWARG = "ilora_task_ids"
@@ -77,7 +91,7 @@ def _as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
 def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
     """The current call's attention mask as a bool ``[batch * seq]`` token mask when ``x [batch, seq, d]`` lines up
     with it (the language model's layers); None elsewhere (towers with their own token layout, 2-D inputs)."""
-    mask = STATE.attention_mask
+    mask = call_state()[1]
     if mask is None or x.dim() != 3 or mask.shape != x.shape[:2]:
         return None
     return mask.reshape(-1).to(device=x.device, dtype=torch.bool)

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import functional as F
 from .config import ILoraConfig
-from .context import STATE, padding_mask_for
+from .context import STATE, call_state, padding_mask_for
 from .losses import router_stats
 from .router import build_router, check_finite, gate
 
@@ -80,7 +80,7 @@ class ILoraLayer(BaseTunerLayer):
         if config.num_experts == 1:
             return torch.ones(1)
         if config.router == "task":
-            ids = STATE.task_ids
+            ids = call_state()[0]
             if ids is None or ids.numel() != 1:
                 raise MergeNotSupportedError(
                     f"adapter {adapter_name!r} routes by task: merging folds in one task's experts, so pass a single "

@@ -10,6 +10,7 @@ import warnings
 from contextlib import nullcontext
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper, _get_submodules
 from torch import nn
@@ -81,6 +82,8 @@ class ILoraModel(BaseTuner):
         return args, kwargs
 
     def _release_call_state(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            STATE.recompute = (STATE.task_ids, STATE.attention_mask)
         if self._state_stack:
             STATE.task_ids, STATE.attention_mask = self._state_stack.pop()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import STATE
+from .context import STATE, call_state
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class SequenceRouter(TokenRouter):
         if STATE.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
             return cached.repeat_interleave(seq, dim=0)
         xs = x.reshape(batch, seq, x.shape[-1]).to(self.weight.dtype)
-        mask = STATE.attention_mask
+        mask = call_state()[1]
         if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
             m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
             pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -82,7 +82,7 @@ class TaskRouter(nn.Module):
         nn.init.normal_(self.weight, std=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = STATE.task_ids
+        ids = call_state()[0]
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "

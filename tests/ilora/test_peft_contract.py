@@ -192,9 +192,12 @@ def test_half_precision_models_train(dtype: torch.dtype, setting: str) -> None:
     assert grads and all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("setting", ["moe_topk_token", "sequence_soft"])
+def test_gradient_checkpointing_gives_the_same_gradients(setting: str) -> None:
+    # The recomputation in backward must route as the forward did: with the forward's attention mask (padding
+    # excluded from the aux-loss statistics and from sequence pooling), not the caller's state at backward time.
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        pm = make("llama", "moe_topk_token", balance_loss_coef=0.1)
+        pm = make("llama", setting, balance_loss_coef=0.1)
         pm.train()
         if checkpointing:
             pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

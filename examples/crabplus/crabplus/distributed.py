@@ -195,19 +195,21 @@ def _shard_units(model: nn.Module) -> list[nn.Module]:
 
 class FSDPEngine(Engine):
     """FSDP2: each decoder block of the language model, then the whole model, sharded with ``fully_shard``;
-    parameters, gradients and optimizer states split over ranks. Autocast (``train.bf16``) sets the compute
-    precision; gradients reduce in float32."""
+    parameters, gradients and optimizer states split over ranks. With ``train.bf16`` a mixed-precision policy
+    gathers bf16 parameters (float32 masters stay sharded) and reduces gradients in float32."""
 
     name = "fsdp"
     sharded = True
 
-    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, world: World):
-        from torch.distributed.fsdp import fully_shard
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, world: World, bf16: bool = False):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16: gather parameters in bf16 (half the all-gather traffic), reduce gradients in float32.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         units = _shard_units(model)
         for unit in reversed(units):  # innermost first, as fully_shard requires
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         self.units = len(units)
         super().__init__(model, make_optimizer, world)
 
@@ -302,6 +304,7 @@ def build_engine(
     make_optimizer: OptimizerFactory,
     world: World,
     deepspeed: dict[str, Any] | None = None,
+    bf16: bool = False,
 ) -> Engine:
     """The engine of ``strategy`` around ``model`` (already on ``world.device``) and its optimizer."""
     if strategy == "none":
@@ -309,7 +312,7 @@ def build_engine(
     if strategy == "ddp":
         return DDPEngine(model, make_optimizer, world)
     if strategy == "fsdp":
-        return FSDPEngine(model, make_optimizer, world)
+        return FSDPEngine(model, make_optimizer, world, bf16)
     if strategy == "deepspeed":
         if deepspeed is None:
             raise ValueError("train.strategy=deepspeed needs train.deepspeed_config (e.g. configs/zero2.json)")

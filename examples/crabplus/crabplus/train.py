@@ -435,8 +435,9 @@ def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) 
     ds = deepspeed_config(t.deepspeed_config, t.batch_size, t.grad_accum, world, t.max_grad_norm) if (
         strategy == "deepspeed") else None  # fmt: skip
     engine = build_engine(
-        strategy, model, lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), world, ds
-    )
+        strategy, model, lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), world, ds,
+        t.bf16,
+    )  # fmt: skip
     from transformers import get_scheduler
 
     scheduler = get_scheduler(_SCHEDULERS[t.scheduler], engine.optimizer, math.ceil(t.warmup_ratio * total), total)

@@ -15,7 +15,10 @@ import torch
 import yaml
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
+from crabplus.distributed import _shard_units, rank_batches
 from crabplus.models import ModelConfig, build_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -29,6 +32,25 @@ STEPS = 4
 LOSS_RTOL = 2e-4
 WEIGHT_RTOL = 1e-2
 BF16_RTOL = 2e-3  # bf16 matmuls round differently with the batch split (measured: about 4e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 5), world=st.integers(1, 4), seed=st.integers(0, 9),
+       epoch=st.integers(0, 3))  # fmt: skip
+def test_rank_batches_split_the_one_process_batches(n: int, batch: int, world: int, seed: int, epoch: int) -> None:
+    parts = [rank_batches(n, batch, world, seed, epoch, rank=r) for r in range(world)]
+    whole = rank_batches(n, batch * world, 1, seed, epoch)
+    assert all(len(p) == len(whole) for p in parts)  # every rank runs as many micro-batches
+    for m, samples in enumerate(whole):
+        assert [i for p in parts for i in p[m]] == samples
+    assert sorted(i for b in whole for i in b) == list(range(n))
+
+
+def test_fsdp_shards_the_language_model_blocks_only() -> None:
+    model, _ = build_model(ModelConfig())
+    units = _shard_units(model)
+    decoder = model.get_base_model().model.language_model.layers
+    assert units == list(decoder) and len(units) > 0
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,16 @@ def _shrink_all(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def soft_routed_lora(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    gates: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense (soft) routing: every expert weighted by ``gates[T, E]``. Returns ``delta [T, d_out]``.
+    """Dense (soft) routing: every expert weighted by ``gates[T, E]``. Returns ``delta [T, d_out]``, or
+    ``base_out + delta`` when ``base_out`` is given (the add fused into the expand GEMM: one pass less over the
+    ``[T, d_out]`` output).
 
     One shrink matmul for all experts, then ``(h * g)`` flattened to ``[T, E*r]`` against ``B`` viewed as
     ``[E*r, d_out]``: one expand matmul, no per-expert ``[T, d_out]`` tensor.
@@ -57,7 +64,12 @@ def soft_routed_lora(
     h = _shrink_all(x, A)  # [T, E_A, r]; broadcasts over experts when A is shared
     # Scaling folded into the [T, E] gates rather than applied to the [T, d_out] output: one small multiply.
     hg = (h * (gates.to(h.dtype) * scaling).unsqueeze(-1)).reshape(x.shape[0], E * r)
-    return hg @ B.reshape(E * r, d_out)
+    if base_out is None:
+        return hg @ B.reshape(E * r, d_out)
+    if base_out.shape != (x.shape[0], d_out) or base_out.dtype != hg.dtype:
+        raise ValueError(f"base_out must be [T={x.shape[0]}, {d_out}] of {hg.dtype}, got {tuple(base_out.shape)} "
+                         f"of {base_out.dtype}")  # fmt: skip
+    return torch.addmm(base_out, hg, B.reshape(E * r, d_out))
 
 
 def topk_routed_lora(

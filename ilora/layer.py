@@ -187,6 +187,9 @@ class Linear(nn.Module, ILoraLayer):
                 else:
                     out = kernels.topk_routed_lora(x2, A, B, w, idx, scaling, base_out=base2.to(A.dtype))
             return out.to(result.dtype).view_as(result)
+        if gates.dense is not None and base2.dtype == A.dtype:
+            out = F.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling, base_out=base2)
+            return out.view_as(result)
         if gates.dense is not None:
             delta = F.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling)
         else:

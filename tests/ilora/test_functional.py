@@ -53,6 +53,20 @@ def test_soft_matches_naive_loop_with_gradients(s: dict) -> None:
         torch.testing.assert_close(a, b)
 
 
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_soft_with_base_out_fuses_the_residual_add(s: dict) -> None:
+    x, A, B, logits = _inputs(s)
+    gates = torch.softmax(logits, -1)
+    base = torch.randn(x.shape[0], B.shape[2], dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    base.requires_grad_(True)
+    fused = F.soft_routed_lora(x, A, B, gates, 0.7, base_out=base)
+    ref = base + naive_delta(x, A, B, gates, 0.7)
+    torch.testing.assert_close(fused, ref)
+    for a, b in zip(_grads(fused, x, A, B, logits, base), _grads(ref, x, A, B, logits, base)):
+        torch.testing.assert_close(a, b)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shapes)
 def test_topk_matches_naive_loop_with_gradients(s: dict) -> None:

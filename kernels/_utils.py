@@ -206,3 +206,40 @@ def shrink_backward(
         d_in, E_A * r, T, rn=r, compute=compute,
     )  # fmt: skip
     return dx, dA
+
+
+def register_routed_autograd(op, backward_op) -> None:
+    """Autograd for a routed-LoRA op ``(x, A, B, *routing, scaling, base) -> (out, h)``.
+
+    Saves the inputs and ``h``; ``backward_op(dy, x, A, B, *routing, h, scaling)`` returns ``(dx, dA, dB)`` plus the
+    gradient of the first routing tensor when it has one (gates, top-k weights; never indices). ``dy`` flows to
+    ``base`` unchanged: the residual add is fused into the op.
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, A, B, *routing, scaling, base = inputs
+        ctx.save_for_backward(x, A, B, *routing, output[1])
+        ctx.scaling = scaling
+        ctx.base_dtype = base.dtype if base is not None else None
+
+    def backward(ctx, dy, _dh):
+        x, A, B, *routing, h = ctx.saved_tensors
+        grads = tuple(backward_op(dy, x, A, B, *routing, h, ctx.scaling))
+        routing_grads = grads[3:] + (None,) * (len(routing) - len(grads[3:]))
+        dbase = dy.to(ctx.base_dtype) if ctx.base_dtype is not None else None
+        return (*grads[:3], *routing_grads, None, dbase)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def reference(math, tensors: tuple[torch.Tensor, ...], base_out: torch.Tensor | None, upcast: bool) -> torch.Tensor:
+    """A kernel's PyTorch reference: ``math(*tensors) (+ base_out)``, in fp32 when ``upcast`` (pass the floating
+    tensors only), cast back to the first tensor's dtype."""
+    dtype = tensors[0].dtype
+    if upcast:
+        tensors = tuple(t.float() for t in tensors)
+        base_out = base_out.float() if base_out is not None else None
+    out = math(*tensors)
+    if base_out is not None:
+        out = out + base_out
+    return out.to(dtype)

@@ -159,21 +159,7 @@ def _(dy, x, A, B, expert_ids, h, scaling):
     return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, A, B, expert_ids, scaling, base = inputs
-    ctx.save_for_backward(x, A, B, expert_ids, output[1])
-    ctx.scaling = scaling
-    ctx.base_dtype = base.dtype if base is not None else None
-
-
-def _per_row_autograd(ctx, dy, _dh):
-    x, A, B, expert_ids, h = ctx.saved_tensors
-    dx, dA, dB = _per_row_backward_op(dy, x, A, B, expert_ids, h, ctx.scaling)
-    dbase = dy.to(ctx.base_dtype) if ctx.base_dtype is not None else None
-    return dx, dA, dB, None, None, dbase
-
-
-_per_row_op.register_autograd(_per_row_autograd, setup_context=_setup_context)
+_utils.register_routed_autograd(_per_row_op, _per_row_backward_op)
 
 
 def per_row_routed_lora(
@@ -203,11 +189,4 @@ def per_row_routed_lora_ref(
     upcast: bool = True,
 ) -> torch.Tensor:
     """PyTorch reference (``ilora.functional``), in fp32 when ``upcast``; the result is cast back to ``x.dtype``."""
-    dtype = x.dtype
-    if upcast:
-        x, A, B = x.float(), A.float(), B.float()
-        base_out = base_out.float() if base_out is not None else None
-    out = _per_row_math(x, A, B, expert_ids, scaling)
-    if base_out is not None:
-        out = out + base_out
-    return out.to(dtype)
+    return _utils.reference(lambda x, A, B: _per_row_math(x, A, B, expert_ids, scaling), (x, A, B), base_out, upcast)

@@ -116,21 +116,7 @@ def _(dy, x, A, B, gates, h, scaling):
     return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape), gates.new_empty(gates.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, A, B, gates, scaling, base = inputs
-    ctx.save_for_backward(x, A, B, gates, output[1])
-    ctx.scaling = scaling
-    ctx.base_dtype = base.dtype if base is not None else None
-
-
-def _soft_autograd(ctx, dy, _dh):
-    x, A, B, gates, h = ctx.saved_tensors
-    dx, dA, dB, dgates = _soft_backward_op(dy, x, A, B, gates, h, ctx.scaling)
-    dbase = dy.to(ctx.base_dtype) if ctx.base_dtype is not None else None
-    return dx, dA, dB, dgates, None, dbase
-
-
-_soft_op.register_autograd(_soft_autograd, setup_context=_setup_context)
+_utils.register_routed_autograd(_soft_op, _soft_backward_op)
 
 
 def soft_routed_lora(
@@ -160,11 +146,4 @@ def soft_routed_lora_ref(
     upcast: bool = True,
 ) -> torch.Tensor:
     """PyTorch reference (``ilora.functional``), in fp32 when ``upcast``; the result is cast back to ``x.dtype``."""
-    dtype = x.dtype
-    if upcast:
-        x, A, B, gates = x.float(), A.float(), B.float(), gates.float()
-        base_out = base_out.float() if base_out is not None else None
-    out = _soft_math(x, A, B, gates, scaling)
-    if base_out is not None:
-        out = out + base_out
-    return out.to(dtype)
+    return _utils.reference(lambda x, A, B, g: _soft_math(x, A, B, g, scaling), (x, A, B, gates), base_out, upcast)

@@ -337,21 +337,7 @@ def _(dy, x, A, B, weights, indices, h, scaling):
     return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape), weights.new_empty(weights.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, A, B, weights, indices, scaling, base = inputs
-    ctx.save_for_backward(x, A, B, weights, indices, output[1])
-    ctx.scaling = scaling
-    ctx.base_dtype = base.dtype if base is not None else None
-
-
-def _topk_autograd(ctx, dy, _dh):
-    x, A, B, weights, indices, h = ctx.saved_tensors
-    dx, dA, dB, dw = _topk_backward_op(dy, x, A, B, weights, indices, h, ctx.scaling)
-    dbase = dy.to(ctx.base_dtype) if ctx.base_dtype is not None else None
-    return dx, dA, dB, dw, None, None, dbase
-
-
-_topk_op.register_autograd(_topk_autograd, setup_context=_setup_context)
+_utils.register_routed_autograd(_topk_op, _topk_backward_op)
 
 
 def topk_routed_lora(
@@ -383,11 +369,6 @@ def topk_routed_lora_ref(
     upcast: bool = True,
 ) -> torch.Tensor:
     """PyTorch reference (``ilora.functional``), in fp32 when ``upcast``; the result is cast back to ``x.dtype``."""
-    dtype = x.dtype
-    if upcast:
-        x, A, B, weights = x.float(), A.float(), B.float(), weights.float()
-        base_out = base_out.float() if base_out is not None else None
-    out = _topk_math(x, A, B, weights, indices, scaling)
-    if base_out is not None:
-        out = out + base_out
-    return out.to(dtype)
+    return _utils.reference(
+        lambda x, A, B, w: _topk_math(x, A, B, w, indices, scaling), (x, A, B, weights), base_out, upcast
+    )

@@ -22,7 +22,9 @@ from ilora.kernels import _utils
 
 HAS_CUDA = torch.cuda.is_available()
 
-# flash-attention's rule: max|out - ref32| <= 2 * max|torch_lowp - ref32| + atol
+# flash-attention's rule, max|out - ref32| <= 2 * max|torch_lowp - ref32| + atol, plus one unit of rounding of the
+# largest reference value in the output dtype: gradients that sum over many tokens (dA, dB) reach magnitudes where a
+# single final rounding exceeds atol, and PyTorch's low-precision path, rounding elsewhere, can land closer by chance.
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -97,7 +99,8 @@ def check_against_ref(kernel_fn: Callable, ref_fn: Callable, inputs: dict, diff:
         if ref.numel() == 0:
             continue
         err = (got[name].float() - ref).abs().max().item()
-        bound = 2 * (lowp[name].float() - ref).abs().max().item() + ATOL[dtype]
+        ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+        bound = 2 * (lowp[name].float() - ref).abs().max().item() + ATOL[dtype] + ulp
         assert err <= bound, f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g}"
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 import types
@@ -323,7 +324,7 @@ _RESUMABLE_CHANGES = {"train.batch_size", "train.grad_accum", "train.strategy", 
                       "train.threads", "train.device", "data.num_workers"}  # fmt: skip
 
 
-def _check_run_dir(run_dir: Path, cfg: Any) -> None:
+def _check_run_dir(run_dir: Path, cfg: Any, write: bool = True) -> None:
     saved = run_dir / "config.yaml"
     resolved = config_dict(cfg)
     if latest_checkpoint(run_dir) is not None and saved.is_file():
@@ -337,8 +338,11 @@ def _check_run_dir(run_dir: Path, cfg: Any) -> None:
         if diff:
             raise ValueError(f"{run_dir} holds checkpoints of a different config (differs in {diff}); "
                              "use another train.out or delete the run directory")  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if write:  # atomically: other ranks may be reading it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        os.replace(tmp, saved)
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, str]]:
@@ -396,8 +400,7 @@ def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) 
     world = init_world(t.device)
     strategy = resolve_strategy(t.strategy, world)
     run_dir = Path(t.out)
-    if world.main:
-        _check_run_dir(run_dir, cfg)
+    _check_run_dir(run_dir, cfg, write=world.main)  # every rank refuses a foreign run; rank 0 records the config
     world.barrier()
     seed_step(t.seed, 0, 0)  # the same initialization on every rank
     dataset = train_dataset(cfg)

@@ -33,3 +33,9 @@ def test_errors_are_reported_by_name(tmp_path, capsys):
     assert "train.batch_size" in capsys.readouterr().err
     assert main(["evaluate", "--config", TINY, "--set", f"train.out={tmp_path}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_commands_other_than_train_refuse_a_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "--config", TINY]) == 2
+    assert "one process" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -78,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.quiet
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"crabplus {args.command}: error: runs in one process; only `train` takes torchrun / accelerate launch",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         if args.command == "transfer":
             from crabplus.transfer import TransferRunConfig, run_transfer

@@ -82,8 +82,8 @@ def topk_routed_lora(
 ) -> torch.Tensor:
     """Sparse routing: token ``t`` goes to experts ``indices[t]`` weighted by ``weights[t]``. Returns ``delta``.
 
-    (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows; only
-    non-empty experts run.
+    (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows: two grouped
+    GEMMs on CPU when ``grouped_mm`` takes the operands, else a loop over the non-empty experts.
     """
     E, _, _, d_out = check_expert_shapes(x, A, B)
     T = x.shape[0]
@@ -93,26 +93,59 @@ def topk_routed_lora(
         )
     k = indices.shape[1]
     flat = indices.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    if counts.numel() > E:
+        raise ValueError(f"indices reference expert {counts.numel() - 1}, but only {E} experts exist")
     order = torch.argsort(flat, stable=True)
     token = order // k
-    counts = torch.bincount(flat, minlength=E).tolist()
-    if len(counts) > E:
-        raise ValueError(f"indices reference expert {len(counts) - 1}, but only {E} experts exist")
     w_sorted = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+    expert_rows = _grouped_expert_rows if _grouped_mm_fits(x, A, B) else _looped_expert_rows
+    y_sorted = expert_rows(x, A, B, token, w_sorted, counts)
+    # Un-sort and sum each token's k rows: autograd keeps only the permutation, where index_add would save the whole
+    # [T*k, d_out] source for its backward.
+    return y_sorted[torch.argsort(order)].view(T, k, d_out).sum(1) * scaling
+
+
+def _grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` takes these operands: on CPU (CUDA has its own layout and dtype
+    rules, and the Triton kernels there), float32/16-bit, with 16-byte aligned rows, in eager mode (its fake-tensor
+    rule under ``torch.compile`` is CUDA's, bf16 only)."""
+    if getattr(torch.nn.functional, "grouped_mm", None) is None or x.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not A.dtype == B.dtype == x.dtype:
+        return False
+    align = 16 // x.element_size()
+    d_in, r, d_out = x.shape[1], A.shape[2], B.shape[2]
+    return all(n % align == 0 for n in (d_in, r, d_out)) and A.is_contiguous() and B.is_contiguous()
+
+
+def _grouped_expert_rows(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token: torch.Tensor, w_sorted: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Every expert's rows in two grouped GEMMs (shrink, expand), no Python loop: ``[T*k, d_out]`` in sorted order."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    grouped_mm = torch.nn.functional.grouped_mm
+    h = (x @ A[0])[token] if A.shape[0] == 1 else grouped_mm(x[token], A, offs=offs)
+    return grouped_mm(h * w_sorted, B, offs=offs)
+
+
+def _looped_expert_rows(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token: torch.Tensor, w_sorted: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """The same rows with a loop over the non-empty experts (any dtype, device and shape)."""
     shared_h = x @ A[0] if A.shape[0] == 1 else None
     pieces = []
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         rows = token[start : start + n]
         h = shared_h[rows] if shared_h is not None else x[rows] @ A[e]
         pieces.append((h * w_sorted[start : start + n]) @ B[e])
         start += n
-    y_sorted = torch.cat(pieces) if pieces else x.new_zeros(0, d_out)
-    # Un-sort and sum each token's k rows: autograd keeps only the permutation, where index_add would save the whole
-    # [T*k, d_out] source for its backward.
-    return y_sorted[torch.argsort(order)].view(T, k, d_out).sum(1) * scaling
+    return torch.cat(pieces) if pieces else x.new_zeros(0, B.shape[2])
 
 
 def per_row_routed_lora(

@@ -128,3 +128,31 @@ def test_shape_errors_name_the_shape(x_shape, a_shape, b_shape, message) -> None
 def test_soft_rejects_gates_of_wrong_shape() -> None:
     with pytest.raises(ValueError, match="gates must be"):
         F.soft_routed_lora(torch.randn(4, 6), torch.randn(1, 6, 2), torch.randn(3, 2, 5), torch.rand(4, 2), 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(1, 40), E=st.integers(1, 9), k=st.integers(1, 3), shared=st.booleans(),
+    widths=st.tuples(st.sampled_from([4, 8, 12, 16]), st.sampled_from([4, 8]), st.sampled_from([4, 12, 20])),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_grouped_gemm_path_equals_the_expert_loop(T, E, k, shared, widths, seed) -> None:
+    # float32 with 16-byte rows takes torch's grouped_mm on CPU; the float64 oracle tests above take the loop.
+    d_in, r, d_out = widths
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g, requires_grad=True)
+    A = torch.randn(1 if shared else E, d_in, r, generator=g, requires_grad=True)
+    B = torch.randn(E, r, d_out, generator=g, requires_grad=True)
+    k = min(k, E)
+    w, idx = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
+    w.requires_grad_(True)
+    if not F._grouped_mm_fits(x, A, B):
+        pytest.skip(f"torch {torch.__version__} has no CPU grouped_mm")
+    results = []
+    for rows in (F._grouped_expert_rows, F._looped_expert_rows):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "_grouped_expert_rows", rows)
+            out = F.topk_routed_lora(x, A, B, w, idx, 0.5)
+        results.append([out, *_grads(out, x, A, B, w)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

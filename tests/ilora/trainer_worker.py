@@ -1,0 +1,67 @@
+"""``ILoraTrainer`` on a tiny Llama with a top-2 router and a balance loss; run by test_distributed.py in one process
+or under torchrun. Writes the logged losses (task + aux) of rank 0 to ``<out>/losses.json``.
+
+    python tests/ilora/trainer_worker.py PER_DEVICE_BATCH OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import ilora
+
+
+class Tokens(torch.utils.data.Dataset):
+    """16 sequences of 4 to 8 tokens: batches pad differently depending on how they are split over ranks."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(1, 64, (4 + i % 5,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def collate(items: list[dict]) -> dict:
+    n = max(len(it["input_ids"]) for it in items)
+    batch = {
+        "input_ids": torch.zeros(len(items), n, dtype=torch.long),
+        "labels": torch.full((len(items), n), -100),
+        "attention_mask": torch.zeros(len(items), n, dtype=torch.long),
+    }
+    for i, it in enumerate(items):
+        length = len(it["input_ids"])
+        batch["input_ids"][i, :length] = it["input_ids"]
+        batch["labels"][i, :length] = it["labels"]
+        batch["attention_mask"][i, :length] = 1
+    return batch
+
+
+def main(per_device: int, out: str) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    adapter = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=2, balance_loss_coef=0.5,
+                                target_modules=["q_proj", "v_proj", "up_proj"])  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), adapter)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=per_device, max_steps=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+                             ddp_backend="gloo" if distributed else None,
+                             average_tokens_across_devices=True)  # fmt: skip
+    trainer = ilora.ILoraTrainer(model=model, args=args, train_dataset=Tokens(), data_collator=collate)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        with open(os.path.join(out, "losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

@@ -36,7 +36,7 @@ def environment(threads: int) -> dict[str, Any]:
             "os": platform.platform(), "gpu": gpu,
         },
         "versions": versions,
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("ILORA_COMMIT"),  # a tree copied without .git
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work on the machine
         "dirty": bool(_git("status", "--porcelain", "--", "ilora", "kernels", "benchmarks/*.py")),  # code only
     }  # fmt: skip

@@ -8,6 +8,7 @@ they compile on first launch and avoid triton's import-bound helpers (see ``ilor
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -101,7 +102,18 @@ def check_against_ref(kernel_fn: Callable, ref_fn: Callable, inputs: dict, diff:
         err = (got[name].float() - ref).abs().max().item()
         ulp = torch.finfo(dtype).eps * ref.abs().max().item()
         bound = 2 * (lowp[name].float() - ref).abs().max().item() + ATOL[dtype] + ulp
+        _record_error(name, dtype, err, bound)
         assert err <= bound, f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g}"
+
+
+def _record_error(name: str, dtype: torch.dtype, err: float, bound: float) -> None:
+    """With ``ILORA_KERNEL_ERRORS`` set (``python -m benchmarks.kernel_check``), append each comparison as JSON."""
+    path = os.environ.get("ILORA_KERNEL_ERRORS")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        row = {"test": test, "tensor": name, "dtype": str(dtype).removeprefix("torch."), "err": err, "bound": bound}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(scope="session")

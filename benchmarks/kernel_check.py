@@ -1,0 +1,80 @@
+"""Record a kernel test run: pass/fail of every kernel test and the largest error of each comparison, with the
+machine, versions and commit, as ``results/<date>_<machine>_kernels.json``.
+
+    python -m benchmarks.kernel_check                 # on a GPU: compiled kernels, bf16, the convergence test
+    python -m benchmarks.kernel_check -- -k "soft"    # extra pytest arguments after --
+
+On CPU the same tests run through the Triton interpreter (GPU-only tests are skipped and counted as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .report import environment, machine_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TESTS = ["tests/kernels", "tests/ilora/test_layer_kernels.py"]
+
+
+def summarize(junit_xml: Path, errors_jsonl: Path) -> dict[str, Any]:
+    """Counts and failures from pytest's JUnit XML; per (tensor, dtype) the largest error and its share of the
+    bound from the comparisons the kernel tests recorded."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed: list[str] = []
+    for suite in ET.parse(junit_xml).getroot().iter("testsuite"):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+        for case in suite.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    worst: dict[str, dict[str, Any]] = {}
+    lines = errors_jsonl.read_text().splitlines() if errors_jsonl.is_file() else []
+    for row in map(json.loads, lines):
+        key = f"{row['tensor']} {row['dtype']}"
+        ratio = row["err"] / row["bound"] if row["bound"] else float("inf")
+        if key not in worst or ratio > worst[key]["share_of_bound"]:
+            worst[key] = {"max_err": row["err"], "bound": row["bound"], "share_of_bound": ratio, "test": row["test"]}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {"counts": counts, "failed": failed, "comparisons": len(lines), "worst_errors": worst}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_check", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit, errors = Path(tmp) / "junit.xml", Path(tmp) / "errors.jsonl"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, f"--junitxml={junit}"]
+        proc = subprocess.run(
+            [*cmd, *args.pytest_args], cwd=ROOT, env={**os.environ, "ILORA_KERNEL_ERRORS": str(errors)}
+        )
+        record = {**environment(torch.get_num_threads()), "pytest_exit": proc.returncode, **summarize(junit, errors)}
+    record["device"] = "cuda (compiled)" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"
+    print(json.dumps({k: record[k] for k in ("device", "counts", "failed", "comparisons")}, indent=1))
+    for key, worst in sorted(record["worst_errors"].items()):
+        print(f"  {key:>16}: max err {worst['max_err']:.3g} = {worst['share_of_bound']:.0%} of the bound")
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{record['date'][:10]}_{machine_tag(record)}_kernels.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,15 +1,16 @@
 """The unified text interface: round trips through format_target/parse, the authors' formats, and fuzzing."""
 
 import pytest
-from crabplus.interface import Prediction, format_target, parse
+from crabplus.interface import _NONE_WORDS, Prediction, format_target, parse
 from crabplus.tasks import SUBSETS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 _WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789-'", min_size=1, max_size=8)
-LABELS = st.lists(_WORDS, min_size=1, max_size=4).map(" ".join).filter(lambda s: s.lower() not in {"none", "nothing"})
+# Words that mean "no label" in the interface ("none", "nothing", ...) are not labels a target can carry.
+LABELS = st.lists(_WORDS, min_size=1, max_size=4).map(" ".join).filter(lambda s: s.lower() not in _NONE_WORDS)
 OBJECT_LABELS = LABELS
-EVENT_LABELS = st.lists(_WORDS, min_size=1, max_size=3).map(", ".join).filter(lambda s: s.lower() not in {"none"})
+EVENT_LABELS = st.lists(_WORDS, min_size=1, max_size=3).map(", ".join).filter(lambda s: s.lower() not in _NONE_WORDS)
 TIMES = st.integers(0, 20).map(lambda k: k / 2)
 EVENTS = st.tuples(EVENT_LABELS, TIMES, TIMES).map(lambda e: (e[0], min(e[1:]), max(e[1:])))
 COORD = st.integers(0, 223)

@@ -8,6 +8,7 @@ from crabplus.models import ModelConfig, build_model, model_parts, part_of
 from crabplus.models.modular import load_modular
 from crabplus.models.omni import load_omni
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import WhisperModel
 
 TINY = dict(r=4, lora_alpha=8)
@@ -78,6 +79,17 @@ def test_lora_baseline_and_no_adapter(samples):
     assert {part for part, (got, _) in _grads_by_part(plain, "modular").items() if got} == {"projector"}
 
 
+@pytest.mark.parametrize("adapter", ["ilora", "lora"])
+def test_train_vocab_trains_the_embedding_and_head_beside_the_adapter(adapter, samples, tmp_path):
+    model, processor = build_model(ModelConfig(paradigm="omni", adapter=adapter, train_vocab=True, **TINY))
+    _train_step(model, processor, samples[:2])
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any("embed_tokens" in n for n in trained) and any("lm_head" in n for n in trained)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="projector"):
         build_model(ModelConfig(paradigm="omni", projector="full"))
@@ -85,6 +97,8 @@ def test_bad_configs_are_refused():
         build_model(ModelConfig(paradigm="omni", llm="frozen", audio="frozen", vision="frozen"))
     with pytest.raises(ValueError, match="adapter='none'"):
         build_model(ModelConfig(paradigm="omni", adapter="none"))
+    with pytest.raises(ValueError, match="train_vocab"):
+        build_model(ModelConfig(paradigm="omni", adapter="none", llm="frozen", audio="full", train_vocab=True))
     with pytest.raises(ValueError, match="not one of"):
         build_model(ModelConfig(paradigm="modular", projector="ilora"))
 

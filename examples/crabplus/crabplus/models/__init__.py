@@ -70,6 +70,9 @@ class ModelConfig:
     num_experts: int | None = None
     ilora_extra: dict = field(default_factory=dict)
     """Further ``ILoraConfig`` fields, e.g. ``{"routing": "topk", "top_k": 2}``."""
+    train_vocab: bool = False
+    """Also train the LM's token embedding and output head beside the adapter. For a model without pretraining (the
+    tiny random one) a frozen random vocabulary leaves adapters little to learn; keep it off for real checkpoints."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     """Seed of the tiny random model's initialization."""
@@ -120,6 +123,7 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, ChatProcessor]:
         lora_dropout=cfg.lora_dropout,
         num_experts=cfg.num_experts,
         extra=dict(cfg.ilora_extra),
+        train_vocab=cfg.train_vocab,
     )
     model = apply_trainability(model, model_parts(cfg.paradigm), modes, cfg.adapter, settings)
     return model, processor

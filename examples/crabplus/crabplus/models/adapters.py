@@ -33,6 +33,10 @@ class Part:
     modes: tuple[str, ...] = PART_MODES
 
 
+# The language model's vocabulary layers, as PEFT's modules_to_save matches them (by name suffix), in both paradigms.
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+
+
 @dataclass
 class AdapterSettings:
     """Adapter hyperparameters; ``None`` keeps the preset's value (Crab+: r 128, alpha 256, dropout 0.1, 3 experts)."""
@@ -44,6 +48,8 @@ class AdapterSettings:
     num_experts: int | None = None
     extra: dict = field(default_factory=dict)
     """Further ``ILoraConfig`` fields (e.g. ``routing="topk"``); refused for plain LoRA."""
+    train_vocab: bool = False
+    """Also train the language model's token embedding and output head (PEFT ``modules_to_save``)."""
 
 
 def _check_modes(parts: tuple[Part, ...], modes: Mapping[str, str]) -> None:
@@ -65,6 +71,8 @@ def peft_config_for(parts: tuple[Part, ...], modes: Mapping[str, str], adapter: 
     _check_modes(parts, modes)
     adapted = [p for p in parts if modes[p.name] == "ilora"]
     if adapter == "none":
+        if settings.train_vocab:
+            raise ValueError("model.train_vocab needs an adapter (with adapter 'none', set llm: full)")
         if adapted:
             raise ValueError(f"adapter='none' but part(s) {[p.name for p in adapted]} are set to 'ilora'")
         return None
@@ -72,7 +80,10 @@ def peft_config_for(parts: tuple[Part, ...], modes: Mapping[str, str], adapter: 
         raise ValueError(f"adapter={adapter!r} but no part is set to 'ilora'; use adapter='none'")
     others = [p for p in parts if modes[p.name] != "ilora"]
     exclude = _prefix_regex(others) if others else None
-    to_save = [n for p in parts if modes[p.name] == "full" for n in p.save_names] or None
+    to_save = [n for p in parts if modes[p.name] == "full" for n in p.save_names]
+    if settings.train_vocab:
+        to_save += [n for n in VOCAB_MODULES if n not in to_save]
+    to_save = to_save or None
     common = dict(target_modules=list(CRAB_TARGETS), exclude_modules=exclude, modules_to_save=to_save)
     hyper = {
         k: v

@@ -70,7 +70,9 @@ def call_state() -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(task_ids, attention_mask)`` of the call being computed.
 
     Inside backward that is activation checkpointing recomputing a training forward: it must see that forward's
-    state, not whatever the caller's is now, or the recomputed routing (and the saved tensors) would differ.
+    state, not whatever the caller's is now, or the recomputed routing (and the saved tensors) would differ. It is
+    the *last* training forward's state: with checkpointing, run backward after each forward (as training loops
+    and gradient accumulation do), not once after several forwards with different masks or task ids.
     """
     if STATE.recompute is not None and torch._C._current_graph_task_id() != -1:
         return STATE.recompute

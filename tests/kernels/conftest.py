@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,6 +23,12 @@ if not torch.cuda.is_available():
 from ilora.kernels import _utils
 
 HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Hypothesis draws shared by the kernel tests (token and expert counts differ per op).
+DRAWS = dict(
+    d_in=st.integers(1, 80), d_out=st.integers(1, 80), r=st.integers(1, 64), shared=st.booleans(),
+    dtype=st.sampled_from(DTYPES), with_base=st.booleans(), seed=st.integers(0, 2**16),
+)  # fmt: skip
 
 # flash-attention's rule, max|out - ref32| <= 2 * max|torch_lowp - ref32| + atol, plus one unit of rounding of the
 # largest reference value in the output dtype: gradients that sum over many tokens (dA, dB) reach magnitudes where a
@@ -81,8 +88,13 @@ def _forward_backward(fn: Callable, inputs: dict, diff: list[str], dy: torch.Ten
     return {"out": out.detach(), **{f"d{k}": g for k, g in zip(diff, grads)}}
 
 
-def check_against_ref(kernel_fn: Callable, ref_fn: Callable, inputs: dict, diff: list[str], seed: int = 0) -> None:
-    """Output and every gradient in ``diff`` of ``kernel_fn`` against ``ref_fn`` under the flash-attention rule."""
+def check_against_ref(
+    kernel_fn: Callable, ref_fn: Callable, inputs: dict, diff: list[str] | None = None, seed: int = 0
+) -> None:
+    """Output and every gradient in ``diff`` (default: every floating-point input) of ``kernel_fn`` against
+    ``ref_fn`` under the flash-attention rule."""
+    if diff is None:
+        diff = [k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()]
     dtype = inputs["x"].dtype
     kw = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
     tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}

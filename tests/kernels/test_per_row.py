@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from ilora.kernels import per_row as per_row_mod
 from ilora.kernels import per_row_routed_lora, per_row_routed_lora_ref
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DIFF = ["x", "A", "B", "base_out"]
+from .conftest import DRAWS, DTYPES
+
 # (T, d_in, d_out, r, E, shared A); T <= 64 takes the BGMV kernels, larger T the grouped top-k path
 SHAPES = [
     (1, 17, 40, 1, 1, True),
@@ -31,21 +31,17 @@ def _per_row_inputs(make_inputs, device, T, d_in, d_out, r, E, shared, dtype, wi
     return inputs
 
 
-def _diff(inputs):
-    return [k for k in DIFF if k in inputs]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(check, make_inputs, device, shape, dtype):
     inputs = _per_row_inputs(make_inputs, device, *shape, dtype)
-    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs))
+    check(per_row_routed_lora, per_row_routed_lora_ref, inputs)
 
 
 def test_split_k_shrink(check, make_inputs, device):
     """A wide input is split over several programs per row whose partial sums meet in fp32 atomics."""
     inputs = _per_row_inputs(make_inputs, device, 3, 1500, 17, 4, 3, False, torch.float16, with_base=False)
-    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs))
+    check(per_row_routed_lora, per_row_routed_lora_ref, inputs)
 
 
 def test_non_contiguous_inputs(check, make_inputs, device):
@@ -54,24 +50,18 @@ def test_non_contiguous_inputs(check, make_inputs, device):
     inputs["A"] = inputs["A"].permute(0, 2, 1).contiguous().permute(0, 2, 1)
     inputs["B"] = inputs["B"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
     inputs["base_out"] = inputs["base_out"].t().contiguous().t()
-    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs))
+    check(per_row_routed_lora, per_row_routed_lora_ref, inputs)
 
 
 @settings(max_examples=10, deadline=None)
 @given(
     T=st.integers(1, per_row_mod.BGMV_MAX_ROWS),
-    d_in=st.integers(1, 80),
-    d_out=st.integers(1, 80),
-    r=st.integers(1, 64),
     E=st.integers(1, 8),
-    shared=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    with_base=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **DRAWS,
 )
 def test_hypothesis_decode_shapes(check, make_inputs, device, T, d_in, d_out, r, E, shared, dtype, with_base, seed):
     inputs = _per_row_inputs(make_inputs, device, T, d_in, d_out, r, E, shared, dtype, with_base, seed)
-    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs), seed)
+    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, seed=seed)
 
 
 def test_empty_batch(make_inputs, device):
@@ -105,4 +95,4 @@ def test_rejects_bad_ids_shape(make_inputs, device):
 @pytest.mark.parametrize("T", [1, 16, 64, 1000])
 def test_large_shapes_gpu(check, make_inputs, device, dtype, T):
     inputs = _per_row_inputs(make_inputs, device, T, 4096, 4096, 16, 8, False, dtype)
-    check(per_row_routed_lora, per_row_routed_lora_ref, inputs, _diff(inputs))
+    check(per_row_routed_lora, per_row_routed_lora_ref, inputs)

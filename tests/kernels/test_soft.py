@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from ilora.kernels import _utils, soft_routed_lora, soft_routed_lora_ref
 from ilora.kernels import soft as soft_mod
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from .conftest import DRAWS, DTYPES
+
 # (T, d_in, d_out, r, E, shared A)
 SHAPES = [
     (1, 17, 40, 1, 1, True),
@@ -38,13 +39,13 @@ def _diff(inputs):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(check, make_inputs, device, shape, dtype):
     inputs = _soft_inputs(make_inputs, device, *shape, dtype)
-    check(soft_routed_lora, soft_routed_lora_ref, inputs, _diff(inputs))
+    check(soft_routed_lora, soft_routed_lora_ref, inputs)
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_without_base(check, make_inputs, device, shared):
     inputs = _soft_inputs(make_inputs, device, 33, 40, 17, 4, 3, shared, torch.float16, with_base=False)
-    check(soft_routed_lora, soft_routed_lora_ref, inputs, _diff(inputs))
+    check(soft_routed_lora, soft_routed_lora_ref, inputs)
 
 
 def test_non_contiguous_inputs(check, make_inputs, device):
@@ -55,24 +56,18 @@ def test_non_contiguous_inputs(check, make_inputs, device):
     inputs["B"] = inputs["B"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
     inputs["gates"] = torch.cat([inputs["gates"], inputs["gates"]], 1)[:, ::2]
     assert not inputs["x"].is_contiguous() and not inputs["A"].is_contiguous() and not inputs["B"].is_contiguous()
-    check(soft_routed_lora, soft_routed_lora_ref, inputs, _diff(inputs))
+    check(soft_routed_lora, soft_routed_lora_ref, inputs)
 
 
 @settings(max_examples=15, deadline=None)
 @given(
     T=st.integers(1, 70),
-    d_in=st.integers(1, 80),
-    d_out=st.integers(1, 80),
-    r=st.integers(1, 64),
     E=st.integers(1, 8),
-    shared=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    with_base=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **DRAWS,
 )
 def test_hypothesis_shapes(check, make_inputs, device, T, d_in, d_out, r, E, shared, dtype, with_base, seed):
     inputs = _soft_inputs(make_inputs, device, T, d_in, d_out, r, E, shared, dtype, with_base, seed)
-    check(soft_routed_lora, soft_routed_lora_ref, inputs, _diff(inputs), seed)
+    check(soft_routed_lora, soft_routed_lora_ref, inputs, seed=seed)
 
 
 def test_empty_batch(make_inputs, device):
@@ -117,4 +112,4 @@ def test_poison_catches_a_skipped_row(make_inputs, device, monkeypatch):
 @pytest.mark.parametrize("shared", [True, False])
 def test_large_shapes_gpu(check, make_inputs, device, dtype, shared):
     inputs = _soft_inputs(make_inputs, device, 1000, 1024, 768, 32, 4, shared, dtype)
-    check(soft_routed_lora, soft_routed_lora_ref, inputs, _diff(inputs))
+    check(soft_routed_lora, soft_routed_lora_ref, inputs)

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from ilora.kernels import topk as topk_mod
 from ilora.kernels import topk_routed_lora, topk_routed_lora_ref
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DIFF = ["x", "A", "B", "weights", "base_out"]
+from .conftest import DRAWS, DTYPES
+
 # (T, k, d_in, d_out, r, E, shared A)
 SHAPES = [
     (1, 1, 17, 40, 1, 1, True),  # one token, one expert
@@ -33,15 +33,11 @@ def _topk_inputs(make_inputs, device, T, k, d_in, d_out, r, E, shared, dtype, wi
     return inputs
 
 
-def _diff(inputs):
-    return [k for k in DIFF if k in inputs]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(check, make_inputs, device, shape, dtype):
     inputs = _topk_inputs(make_inputs, device, *shape, dtype)
-    check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs))
+    check(topk_routed_lora, topk_routed_lora_ref, inputs)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -49,7 +45,7 @@ def test_repeated_expert_and_no_base(check, make_inputs, device, shared):
     """A token may list the same expert twice: both pairs land in one block and add to one output row."""
     inputs = _topk_inputs(make_inputs, device, 33, 3, 40, 17, 4, 3, shared, torch.float32, with_base=False)
     inputs["indices"][:, 1] = inputs["indices"][:, 0]
-    check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs))
+    check(topk_routed_lora, topk_routed_lora_ref, inputs)
 
 
 def test_non_contiguous_inputs(check, make_inputs, device):
@@ -59,25 +55,19 @@ def test_non_contiguous_inputs(check, make_inputs, device):
     inputs["weights"] = inputs["weights"].t().contiguous().t()
     inputs["indices"] = inputs["indices"].t().contiguous().t()
     assert not inputs["weights"].is_contiguous()
-    check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs))
+    check(topk_routed_lora, topk_routed_lora_ref, inputs)
 
 
 @settings(max_examples=10, deadline=None)
 @given(
     T=st.integers(1, 70),
     k=st.integers(1, 4),
-    d_in=st.integers(1, 80),
-    d_out=st.integers(1, 80),
-    r=st.integers(1, 64),
     E=st.integers(1, 16),  # 64 experts are in SHAPES: the interpreter's cost grows with the number of blocks
-    shared=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    with_base=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **DRAWS,
 )
 def test_hypothesis_shapes(check, make_inputs, device, T, k, d_in, d_out, r, E, shared, dtype, with_base, seed):
     inputs = _topk_inputs(make_inputs, device, T, min(k, E), d_in, d_out, r, E, shared, dtype, with_base, seed)
-    check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs), seed)
+    check(topk_routed_lora, topk_routed_lora_ref, inputs, seed=seed)
 
 
 @settings(max_examples=40, deadline=None)
@@ -134,4 +124,4 @@ def test_mismatched_weights_are_an_error(make_inputs, device):
 @pytest.mark.parametrize("shared", [True, False])
 def test_large_shapes_gpu(check, make_inputs, device, dtype, shared):
     inputs = _topk_inputs(make_inputs, device, 2000, 2, 1024, 768, 16, 8, shared, dtype)
-    check(topk_routed_lora, topk_routed_lora_ref, inputs, _diff(inputs))
+    check(topk_routed_lora, topk_routed_lora_ref, inputs)

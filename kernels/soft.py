@@ -85,11 +85,7 @@ def _backward(
     return dx, dA, dB, dgates
 
 
-@torch.library.custom_op("ilora::soft_routed_lora", mutates_args=())
-def _soft_op(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float, base: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, A, B, gates, scaling, base)
+_soft_op = torch.library.custom_op("ilora::soft_routed_lora", _forward, mutates_args=())
 
 
 @_soft_op.register_fake
@@ -98,17 +94,7 @@ def _(x, A, B, gates, scaling, base):
     return x.new_empty(x.shape[0], d_out), x.new_empty(x.shape[0], A.shape[0] * r, dtype=torch.float32)
 
 
-@torch.library.custom_op("ilora::soft_routed_lora_backward", mutates_args=())
-def _soft_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    gates: torch.Tensor,
-    h: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, A, B, gates, h, scaling)
+_soft_backward_op = torch.library.custom_op("ilora::soft_routed_lora_backward", _backward, mutates_args=())
 
 
 @_soft_backward_op.register_fake

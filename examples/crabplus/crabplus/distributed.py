@@ -65,21 +65,26 @@ class World:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: ``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_world(device: str = "auto") -> World:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (gloo on CPU,
     NCCL on GPUs, one GPU per local rank); a single process when ``WORLD_SIZE`` is unset or 1."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    where = torch.device(f"cuda:{local}" if cuda and size > 1 else ("cuda" if cuda else "cpu"))
-    if device.startswith("cuda:") and size == 1:
-        where = torch.device(device)
+    where = resolve_device(device)
+    if where.type == "cuda" and size > 1:
+        where = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     if size == 1 and "RANK" not in os.environ:  # a plain `python` run; torchrun with one process still joins
         return World(0, 1, where)
     if not dist.is_initialized():
-        if cuda:
+        if where.type == "cuda":
             torch.cuda.set_device(where)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), where)
 
 

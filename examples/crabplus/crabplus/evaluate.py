@@ -28,13 +28,14 @@ from crabplus.models import build_model
 # isort: split
 from crabplus.checkpoint import latest_checkpoint, load_weights
 from crabplus.data.media import read_mask
+from crabplus.distributed import resolve_device
 from crabplus.generate import predict
 from crabplus.interface import Prediction
 from crabplus.metrics import score
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
 from crabplus.tasks import COORD_SIZE, get_task
-from crabplus.train import RunConfig, resolve_device, train_dataset
+from crabplus.train import RunConfig, train_dataset
 
 MASK_METRICS = ("mask_j", "mask_f", "s_metric")
 

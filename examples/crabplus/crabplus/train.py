@@ -268,12 +268,6 @@ class TrainResult:
     report: LoadReport
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train_dataset(cfg: RunConfig, split: str = "train", subsets: Sequence[str] | None = None) -> AVUIEDataset:
     """The configured AV-UIE subsets (or ``subsets``) of ``split``; a missing root is an error naming ``data.root``."""
     root = Path(cfg.data.root)

@@ -61,6 +61,12 @@ def main(per_device: int, out: str) -> None:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump(losses, f)
+    if distributed:
+        # The Trainer leaves its DDP wrapper and the process group alive; torn down at interpreter exit instead, the
+        # gloo threads can abort the process ("terminate called without an active exception").
+        del trainer, model
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

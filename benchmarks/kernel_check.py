@@ -1,5 +1,6 @@
-"""Record a kernel test run: pass/fail of every kernel test and the largest error of each comparison, with the
-machine, versions and commit, as ``results/<date>_<machine>_kernels.json``.
+"""Record a kernel test run: pass/fail of every kernel test, the largest error of each comparison and the resources
+of every sm_90 build (registers, spills, shared memory, MMA kind), with the machine, versions and commit, as
+``results/<date>_<machine>_kernels.json``.
 
     python -m benchmarks.kernel_check                 # on a GPU: compiled kernels, bf16, the convergence test
     python -m benchmarks.kernel_check -- -k "soft"    # extra pytest arguments after --
@@ -29,9 +30,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 TESTS = ["tests/kernels", "tests/ilora/test_layer_kernels.py"]
 
 
-def summarize(junit_xml: Path, errors_jsonl: Path) -> dict[str, Any]:
+def summarize(junit_xml: Path, errors_jsonl: Path, builds_jsonl: Path | None = None) -> dict[str, Any]:
     """Counts and failures from pytest's JUnit XML; per (tensor, dtype) the largest error and its share of the
-    bound from the comparisons the kernel tests recorded."""
+    bound from the comparisons the kernel tests recorded; the sm_90 builds as recorded."""
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     for suite in ET.parse(junit_xml).getroot().iter("testsuite"):
@@ -48,7 +49,10 @@ def summarize(junit_xml: Path, errors_jsonl: Path) -> dict[str, Any]:
         if key not in worst or ratio > worst[key]["share_of_bound"]:
             worst[key] = {"max_err": row["err"], "bound": row["bound"], "share_of_bound": ratio, "test": row["test"]}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"counts": counts, "failed": failed, "comparisons": len(lines), "worst_errors": worst}
+    record = {"counts": counts, "failed": failed, "comparisons": len(lines), "worst_errors": worst}
+    if builds_jsonl is not None and builds_jsonl.is_file():
+        record["sm90_builds"] = [json.loads(line) for line in builds_jsonl.read_text().splitlines()]
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,16 +62,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        junit, errors = Path(tmp) / "junit.xml", Path(tmp) / "errors.jsonl"
+        junit, errors, builds = (Path(tmp) / name for name in ("junit.xml", "errors.jsonl", "builds.jsonl"))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, f"--junitxml={junit}"]
         proc = subprocess.run(
-            [*cmd, *args.pytest_args], cwd=ROOT, env={**os.environ, "ILORA_KERNEL_ERRORS": str(errors)}
+            [*cmd, *args.pytest_args],
+            cwd=ROOT,
+            env={**os.environ, "ILORA_KERNEL_ERRORS": str(errors), "ILORA_KERNEL_BUILDS": str(builds)},
         )
-        record = {**environment(torch.get_num_threads()), "pytest_exit": proc.returncode, **summarize(junit, errors)}
+        record = {
+            **environment(torch.get_num_threads()),
+            "pytest_exit": proc.returncode,
+            **summarize(junit, errors, builds),
+        }
     record["device"] = "cuda (compiled)" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"
     print(json.dumps({k: record[k] for k in ("device", "counts", "failed", "comparisons")}, indent=1))
     for key, worst in sorted(record["worst_errors"].items()):
         print(f"  {key:>16}: max err {worst['max_err']:.3g} = {worst['share_of_bound']:.0%} of the bound")
+    if record.get("sm90_builds"):
+        rows = record["sm90_builds"]
+        print(
+            f"  sm_90 builds: {len(rows)}, most registers {max(r['registers'] for r in rows)}, "
+            f"spilled {sum(1 for r in rows if r['spill_bytes'] or r['stack_bytes'])}, "
+            f"most shared memory {max(r['shared_bytes'] for r in rows)} B"
+        )
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"{record['date'][:10]}_{machine_tag(record)}_kernels.json"

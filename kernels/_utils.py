@@ -39,25 +39,57 @@ def interpreting() -> bool:
 
 
 class kernel:
-    """``triton.jit`` deferred to the first launch.
+    """``triton.jit`` deferred to the first launch, with an optional autotuned variant for the compiled path.
 
     ``triton.jit`` decides between compiled and interpreted execution when it decorates, so decorating at import would
     freeze whatever ``TRITON_INTERPRET`` held when some earlier code imported this package. Compiling per mode on
     launch honours the variable whenever it is set (see ``sum_combine`` above for triton's own helpers), and lets the
     package import without triton.
+
+    ``kernel[grid]`` launches with the block sizes the launcher passes. With ``configs`` (``(BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages)`` tuples), ``kernel.tuned[grid]`` is the compiled kernel ``triton.autotune``d over
+    them by ``key`` after ``prune(configs, named_args, **constexprs)``, the launcher leaving the block sizes out. The
+    interpreter has no tuned variant: it cannot benchmark, and its cost is per program, not per element.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, configs=(), key=(), prune=None, do_not_specialize=()):
         self.fn = fn
+        self.configs, self.key, self.prune = tuple(configs), list(key), prune
+        self.do_not_specialize = list(do_not_specialize)
         self._by_mode = {}
+        self._tuned = None
 
-    def __getitem__(self, grid):
+    @classmethod
+    def with_configs(cls, configs, key, prune, do_not_specialize=()):
+        """Decorator form: ``@kernel.with_configs(configs, key, prune)``."""
+        return lambda fn: cls(fn, configs, key, prune, do_not_specialize)
+
+    def _jit(self):
         if not HAS_TRITON:
             raise RuntimeError("ilora.kernels needs triton: pip install 'ilora[triton]'")
+        return triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
+
+    def triton_configs(self) -> list:
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in self.configs
+        ]
+
+    def __getitem__(self, grid):
         mode = interpreting()
         if mode not in self._by_mode:
-            self._by_mode[mode] = triton.jit(self.fn)
+            self._by_mode[mode] = self._jit()
         return self._by_mode[mode][grid]
+
+    @property
+    def tuned(self):
+        """The autotuned compiled kernel (index it with a grid callable of the chosen config's block sizes)."""
+        if not self.configs or interpreting():
+            raise RuntimeError(f"{self.fn.__name__} has no autotuned variant here (no configs, or interpreting)")
+        if self._tuned is None:
+            prune = {"early_config_prune": self.prune} if self.prune else None
+            self._tuned = triton.autotune(self.triton_configs(), key=self.key, prune_configs_by=prune)(self._jit())
+        return self._tuned
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -86,10 +118,36 @@ def tile_cap() -> int:
     return 128 if interpreting() else 64
 
 
-@kernel
+# Compiled-path tiles for the strided GEMM, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the fixed tile of
+# the first kernels (64, 64, 32), then the larger warpgroup-MMA tiles that large bf16 GEMMs on Hopper favour.
+MM_CONFIGS = (
+    (64, 64, 32, 4, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 128, 32, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+)
+
+
+def _prune_mm_configs(configs, named_args, **constexprs):
+    """The first config, plus the larger tiles that fit inside the problem (beyond it they only add masked work).
+    fp32 operands keep the first tile: their larger tiles spill registers on sm_90 (tests/kernels/test_sm90_build)."""
+    if constexprs.get("DOT") in (tl.float32, "fp32"):
+        return [configs[0]]
+    size = {f"BLOCK_{d}": triton.next_power_of_2(named_args[d]) for d in ("M", "N", "K")}
+    return [configs[0], *(c for c in configs[1:] if all(c.kwargs[b] <= n for b, n in size.items()))]
+
+
+@kernel.with_configs(
+    MM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "RK", "RN", "HAS_GATE", "HAS_BASE"],
+    prune=_prune_mm_configs,
+    do_not_specialize=["M_BUCKET"],
+)
 def _mm_kernel(
     a_ptr, b_ptr, c_ptr, g_ptr, base_ptr,
-    M, N, K, RK, RN, alpha,
+    M, N, K, RK, RN, alpha, M_BUCKET,
     s_am, s_ak_o, s_ak_i,
     s_bk_o, s_bk_i, s_bn_o, s_bn_i,
     s_cm, s_cn_o, s_cn_i,
@@ -156,18 +214,23 @@ def matmul(
     if M == 0 or N == 0:
         return c
     cap = tile_cap()
-    bm, bn, bk = block(M, cap), block(N, cap), block(K, cap // 2)
+    tile = (block(M, cap), block(N, cap), block(K, cap // 2))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    # Problems that fill the first config's tile are autotuned on the GPU (that tile is one candidate), keyed on M's
+    # power-of-two bucket so a new token count does not start a new search; smaller ones keep the fitted tile.
+    autotune = not interpreting() and tile == MM_CONFIGS[0][:3]
+    tiles = {} if autotune else dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile))
+    launch = _mm_kernel.tuned[grid] if autotune else _mm_kernel[grid]
     dummy = c
     gate_t = gate if gate is not None else dummy
     base_t = base if base is not None else dummy
-    _mm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(
         a, b, c, gate_t, base_t,
-        M, N, K, rk, rn, float(alpha),
+        M, N, K, rk, rn, float(alpha), triton.next_power_of_2(M),
         *a_strides, *b_strides, *c_strides,
         *(gate.stride() if gate is not None else (0, 0)),
         *(base.stride() if base is not None else (0, 0)),
-        HAS_GATE=gate is not None, HAS_BASE=base is not None, **dot_args(compute),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        HAS_GATE=gate is not None, HAS_BASE=base is not None, **dot_args(compute), **tiles,
     )  # fmt: skip
     return c
 

@@ -28,3 +28,13 @@ def test_summarize_counts_and_keeps_the_worst_comparison(tmp_path) -> None:
     assert out["comparisons"] == 4
     assert out["worst_errors"]["dA bfloat16"]["test"] == "b"  # the largest share of its bound, not the largest error
     assert out["worst_errors"]["out float32"]["share_of_bound"] == 1e-6 / 1e-4
+    assert "sm90_builds" not in out  # no build file given
+
+
+def test_summarize_keeps_the_sm90_builds(tmp_path) -> None:
+    (tmp_path / "junit.xml").write_text(JUNIT)
+    build = {"kernel": "_mm_kernel", "registers": 96, "spill_bytes": 0, "stack_bytes": 0, "shared_bytes": 24576}
+    (tmp_path / "builds.jsonl").write_text(json.dumps(build) + "\n")
+    out = summarize(tmp_path / "junit.xml", tmp_path / "missing.jsonl", tmp_path / "builds.jsonl")
+    assert out["sm90_builds"] == [build] and out["comparisons"] == 0
+    assert "sm90_builds" not in summarize(tmp_path / "junit.xml", tmp_path / "e.jsonl", tmp_path / "absent.jsonl")

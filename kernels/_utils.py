@@ -1,4 +1,5 @@
-"""Shared pieces of the routed-LoRA kernels: the optional Triton import, lazy kernel compilation and a strided GEMM.
+"""Shared pieces of the routed-LoRA kernels: the optional Triton import, lazy kernel compilation and a strided GEMM
+(autotuned on the GPU).
 
 The GEMM computes ``c[M, N] = alpha * (a[M, K] * gate) @ b[K, N] (+ base)`` in fp32. Its K and N axes may be
 *stacked experts*: index ``i`` addresses ``(i // R) * outer + (i % R) * inner``. That reads ``A[E_A, d_in, r]`` as a

@@ -20,6 +20,11 @@ from .router import build_router, check_finite, gate
 
 # Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
 PER_ROW_MAX_TOKENS = 64
+# Top-k routing over few, small experts runs the dense kernel with the unselected gates zero: it computes (E - k) * r
+# extra rank per token but needs no sort, no atomics and no fp32 [T, d_out] buffer. By rates alone (an H100/H200's
+# ~600 TFLOP/s of bf16 GEMM against ~4 TB/s for the sparse path's three fp32 [T, d_out] passes) the dense extra stays
+# cheaper up to roughly (E - k) * r = 375; this bound leaves a margin until GPU runs place it.
+DENSE_TOPK_MAX_EXTRA_RANK = 256
 
 
 class MergeNotSupportedError(ValueError):
@@ -177,15 +182,20 @@ class Linear(nn.Module, ILoraLayer):
         if self._use_triton(config, x2):
             from ilora import kernels
 
-            if gates.dense is not None:
-                out = kernels.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling, base_out=base2.to(A.dtype))
+            per_row = gates.dense is None and config.top_k == 1 and x2.shape[0] <= PER_ROW_MAX_TOKENS
+            extra_rank = (config.num_experts - config.top_k) * config.r
+            if gates.dense is not None or (not per_row and extra_rank <= DENSE_TOPK_MAX_EXTRA_RANK):
+                dense = gates.to_dense(config.num_experts).to(A.dtype)
+                out = kernels.soft_routed_lora(x2, A, B, dense, scaling, base_out=base2.to(A.dtype))
+            elif per_row:
+                # One expert per row: fold its weight into the row, (w x) A B = w (x A B).
+                w = gates.weights.to(A.dtype)
+                out = kernels.per_row_routed_lora(
+                    x2 * w, A, B, gates.indices[:, 0], scaling, base_out=base2.to(A.dtype)
+                )
             else:
                 w, idx = gates.weights.to(A.dtype), gates.indices
-                if config.top_k == 1 and x2.shape[0] <= PER_ROW_MAX_TOKENS:
-                    # One expert per row: fold its weight into the row, (w x) A B = w (x A B).
-                    out = kernels.per_row_routed_lora(x2 * w, A, B, idx[:, 0], scaling, base_out=base2.to(A.dtype))
-                else:
-                    out = kernels.topk_routed_lora(x2, A, B, w, idx, scaling, base_out=base2.to(A.dtype))
+                out = kernels.topk_routed_lora(x2, A, B, w, idx, scaling, base_out=base2.to(A.dtype))
             return out.to(result.dtype).view_as(result)
         if gates.dense is not None and base2.dtype == A.dtype:
             out = F.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling, base_out=base2)

@@ -14,10 +14,13 @@ from .conftest import build, example_input, output, targets
 
 pytest.importorskip("triton")
 
+# (config, the kernel the layer must pick)
 CASES = {
-    "soft_shared": dict(num_experts=3, routing="soft"),
-    "topk2_per_expert_a": dict(num_experts=4, shared_a=False, routing="topk", top_k=2),
-    "top1_per_row": dict(num_experts=3, routing="topk", top_k=1),  # <= 64 tokens: the per-row kernel
+    "soft_shared": (dict(num_experts=3, routing="soft"), "soft"),
+    # few small experts: the dense kernel with the unselected gates zero
+    "topk2_per_expert_a": (dict(num_experts=4, shared_a=False, routing="topk", top_k=2), "soft"),
+    "top1_per_row": (dict(num_experts=3, routing="topk", top_k=1), "per_row"),  # <= 64 tokens: the per-row kernel
+    "topk4_64_experts": (dict(num_experts=64, r=8, shared_a=False, routing="topk", top_k=4), "topk"),  # sorted
 }
 
 
@@ -25,8 +28,10 @@ CASES = {
 def test_triton_path_matches_torch_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cfg = ilora.ILoraConfig(r=4, target_modules=targets("llama"), init_lora_weights=False, use_kernels="torch",
-                            **CASES[case])  # fmt: skip
+    options, kernel = CASES[case]
+    calls = _count_kernel_calls(monkeypatch)
+    cfg = ilora.ILoraConfig(target_modules=targets("llama"), init_lora_weights=False, use_kernels="torch",
+                            **{"r": 4, **options})  # fmt: skip
     torch_model = get_peft_model(build("llama"), cfg)
     triton_model = copy.deepcopy(torch_model)
     for layer in ilora.ilora_layers(triton_model):
@@ -40,9 +45,25 @@ def test_triton_path_matches_torch_path(case: str, monkeypatch: pytest.MonkeyPat
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         outs.append((out, grads))
     (ref, ref_grads), (got, got_grads) = outs
+    assert set(calls) == {kernel}, f"the layer ran {dict(calls)}, expected only the {kernel} kernel"
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    from ilora import kernels
+
+    calls: dict[str, int] = {}
+    for op in ("soft", "topk", "per_row"):
+        fn = getattr(kernels, f"{op}_routed_lora")
+
+        def counted(*args, _fn=fn, _op=op, **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, f"{op}_routed_lora", counted)
+    return calls
 
 
 def _with_triton(config: ilora.ILoraConfig) -> ilora.ILoraConfig:

@@ -129,6 +129,7 @@ def _run_every_op(dtype: torch.dtype) -> None:
 
     for T, d, (E, r, k), shared in [
         (8192, 4096, (3, 128, None), True),  # Crab+
+        (8192, 4096, (8, 16, None), False),  # MoE top-2 as the layer runs it: dense, unselected gates zero
         (8192, 4096, (8, 16, 2), False),  # MoE top-2 (the 64-expert shape launches the same tiles)
         (37, 1000, (4, 16, 1), True),  # odd sizes, k == 1 (store path)
         (1, 4096, (8, 16, 1), False),  # decode

@@ -276,6 +276,22 @@ class DenseAllExperts(nn.Module):
         return self.base(x) + delta * self.scaling
 
 
+class TritonSortedTopK(DenseAllExperts):
+    """ilora's sorted grouped top-k kernel called directly: what the layer runs for large expert sets. For shapes the
+    layer sends to the dense kernel (few, small experts) it puts the two top-k kernels side by side."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ilora import kernels
+
+        g = route(x, self.router, self.shape)
+        w = g.weights.to(x.dtype)
+        return kernels.topk_routed_lora(x, self.A, self.B, w, g.indices, self.scaling, base_out=self.base(x))
+
+
+def _sorted_missing(p: Problem) -> str | None:
+    return "soft routing has no sorted variant" if p.shape.top_k is None else _triton_missing()
+
+
 def _triton_missing() -> str | None:
     if not torch.cuda.is_available():
         return "Triton kernels run on CUDA only (no GPU here)"
@@ -300,6 +316,7 @@ PROVIDERS: dict[str, tuple[ProviderFactory, Callable[[Problem], str | None], boo
     "base": (BaseLinear, lambda p: None, False),
     "ilora_torch": (lambda p: IloraLinear(p, "torch"), lambda p: None, True),
     "ilora_triton": (lambda p: IloraLinear(p, "triton"), lambda p: _triton_missing(), True),
+    "ilora_triton_sorted": (TritonSortedTopK, _sorted_missing, True),
     "authors_loop": (AuthorsLoop, lambda p: None, True),
     "peft_lora": (PeftLora, lambda p: None, False),
     "grouped_mm": (GroupedMM, lambda p: _grouped_mm_missing(), True),
@@ -327,7 +344,7 @@ def expert_grads(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
         return A, B, grad(module.lora_route.weight).T
     if isinstance(module, GroupedMM):
         return grad(module.A_t).transpose(1, 2), grad(module.B_t).transpose(1, 2), grad(module.router).T
-    if isinstance(module, DenseAllExperts):
+    if isinstance(module, DenseAllExperts):  # TritonSortedTopK too
         return grad(module.A), grad(module.B), grad(module.router).T
     return None
 

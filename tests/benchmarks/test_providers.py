@@ -188,18 +188,22 @@ def test_providers_bf16_on_gpu(shape: str) -> None:
                 assert err <= 2 * err_torch + 5e-2, (name, err, err_torch)
 
 
+@pytest.mark.parametrize("name", ["ilora_triton", "ilora_triton_sorted"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_triton_provider_through_the_interpreter(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without CUDA the benchmark skips ilora_triton (interpreted timings mean nothing), but its wiring is checked:
-    the same module through the Triton interpreter, on a tiny problem, against the reference."""
+def test_triton_provider_through_the_interpreter(name: str, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CUDA the benchmark skips the Triton providers (interpreted timings mean nothing), but their wiring is
+    checked: the same modules through the Triton interpreter, on a tiny problem, against the reference."""
     kernels = pytest.importorskip("ilora.kernels")
     pytest.importorskip("triton")
     if not hasattr(kernels, "triton_runnable"):
         pytest.skip("ilora.kernels has no kernels yet")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = make_problem(SHAPES[shape], 6, 16, seed=5)
+    if name == "ilora_triton_sorted" and p.shape.top_k is None:
+        assert skip_reason(name, p) == "soft routing has no sorted variant"
+        return
     ref_out, ref_grads = _reference(p)
-    module = providers.IloraLinear(p, "triton")
+    module = providers.IloraLinear(p, "triton") if name == "ilora_triton" else providers.TritonSortedTopK(p)
     p.x.grad = None
     out = module(p.x)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)

@@ -142,10 +142,10 @@ def format_table(rows: Sequence[Row]) -> str:
     """A markdown table, one line per measured (shape, tokens, mode, provider); skipped providers listed below."""
     head = "| shape | T | mode | provider | median ms | IQR ms | x base | x floor | adapter ms | saved MiB | peak MiB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    skipped: dict[str, str] = {}
+    skipped: dict[str, dict[str, None]] = {}  # provider -> its distinct reasons, in order
     for r in rows:
         if "skipped" in r:
-            skipped[r["provider"]] = r["skipped"]
+            skipped.setdefault(r["provider"], {})[r["skipped"]] = None
             continue
         # The anchor's floor ratio, adapter time and adapter bytes say nothing: dashes.
         anchor = r["provider"] == "base"
@@ -157,7 +157,7 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
             f"{_mib(r['peak_bytes'])} |"
         )
-    lines += [f"\nskipped: {name}: {why}" for name, why in skipped.items()]
+    lines += [f"\nskipped: {name}: {'; '.join(why)}" for name, why in skipped.items()]
     return "\n".join(lines)
 
 

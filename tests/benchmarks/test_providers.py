@@ -210,3 +210,10 @@ def test_triton_provider_through_the_interpreter(name: str, shape: str, monkeypa
     out.backward(p.dy)
     for got, want in zip([p.x.grad, *expert_grads(module)], ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_table_lists_every_distinct_skip_reason() -> None:
+    from benchmarks.report import format_table
+
+    rows = [{"provider": "p", "skipped": why} for why in ("no GPU", "soft routing", "no GPU")]
+    assert format_table(rows).endswith("skipped: p: no GPU; soft routing")

@@ -213,7 +213,5 @@ def test_triton_provider_through_the_interpreter(name: str, shape: str, monkeypa
 
 
 def test_table_lists_every_distinct_skip_reason() -> None:
-    from benchmarks.report import format_table
-
     rows = [{"provider": "p", "skipped": why} for why in ("no GPU", "soft routing", "no GPU")]
-    assert format_table(rows).endswith("skipped: p: no GPU; soft routing")
+    assert report.format_table(rows).endswith("skipped: p: no GPU; soft routing")

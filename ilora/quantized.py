@@ -37,8 +37,8 @@ class WeightBackend(Protocol):
         ...
 
     def write(self, base: nn.Module, value: torch.Tensor, delta: torch.Tensor) -> Any:
-        """Store ``value`` (``read(base) + delta``), rounded or quantized once. Returns what ``restore`` needs to put
-        back the weight this replaced, bit for bit."""
+        """Store ``value`` (``read(base) + delta``, a tensor the backend may overwrite), rounded or quantized once.
+        Returns what ``restore`` needs to put back the weight this replaced, bit for bit."""
         ...
 
     def restore(self, base: nn.Module, delta: torch.Tensor, saved: Any) -> None:
@@ -60,8 +60,8 @@ class FloatBackend:
 
     def write(self, base: nn.Module, value: torch.Tensor, delta: torch.Tensor) -> Any:
         original = base.weight.data
-        merged = value.to(original.dtype)
-        back = (merged.to(value.dtype) - delta).to(original.dtype)
+        merged = value.to(original.dtype, copy=True)
+        back = value.copy_(merged).sub_(delta).to(original.dtype)  # `value` is spent: reuse its memory
         bits = _SAME_SIZE_INT[original.element_size()]
         missed = (back.view(bits) != original.view(bits)).reshape(-1).nonzero().squeeze(1)
         base.weight.data = merged  # a new tensor: `original` stays as it was

@@ -86,7 +86,7 @@ def test_merge_and_unload_on_a_quantized_base_keeps_the_output(checkpoint: str, 
     assert effect > 0.5 and error < 0.35 * effect, (float(error), float(effect))
 
 
-def bnb_layer(quant: str, seed: int) -> nn.Module:
+def bnb_layer(quant: str, seed: int, device: str = "cpu") -> nn.Module:
     torch.manual_seed(seed)
     dense = nn.Linear(64, 96)
     if quant == "int8":
@@ -97,7 +97,7 @@ def bnb_layer(quant: str, seed: int) -> nn.Module:
                                   quant_type=settings["bnb_4bit_quant_type"],
                                   compress_statistics=settings.get("bnb_4bit_use_double_quant", False))  # fmt: skip
     layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu").requires_grad_(False)  # bitsandbytes quantizes on the move
+    return layer.to(device).requires_grad_(False)  # bitsandbytes quantizes on the move
 
 
 def requantization_bound(layer: nn.Module, exact: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ def requantization_bound(layer: nn.Module, exact: torch.Tensor) -> torch.Tensor:
         row = exact.abs().amax(1, keepdim=True)
         return (row * (0.5 / 127 + 2**-10)).expand_as(exact)
     state = layer.weight.quant_state
-    code = bnb.functional.get_4bit_type(state.quant_type, device="cpu").sort().values
+    code = bnb.functional.get_4bit_type(state.quant_type, device="cpu").sort().values.to(exact.device)
     half_gap = (code[1:] - code[:-1]).max() / 2
     absmax = exact.reshape(-1, state.blocksize).abs().amax(1)  # each block of weights is scaled by its absmax ...
     stored = state.absmax
@@ -124,13 +124,16 @@ def quantized_bytes(layer: nn.Module) -> list[torch.Tensor]:
     return [layer.weight.data.clone(), state.absmax.clone()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("quant", list(QUANTS))
-def test_requantization_error_is_bounded_and_unmerge_restores_the_quantized_weight(quant: str, seed: int) -> None:
-    base = bnb_layer(quant, seed)
+def test_requantization_error_is_bounded_and_unmerge_restores_the_quantized_weight(quant: str, seed: int,
+                                                                                   device: str) -> None:  # fmt: skip
+    base = bnb_layer(quant, seed, device)
     config = ilora.ILoraConfig(r=4, num_experts=1, init_lora_weights=False, target_modules=["x"])
     layer = Linear(base, "default", config)
-    x = torch.randn(5, 64)
+    layer.to(device)
+    x = torch.randn(5, 64, device=device)
     with torch.no_grad():
         before, original = layer(x), quantized_bytes(base)
     backend = weight_backend(base)

@@ -6,16 +6,19 @@ The only place that chooses between the PyTorch path (``ilora.functional``) and 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import functional as F
 from .config import ILoraConfig
 from .context import STATE, call_state, padding_mask_for
 from .losses import router_stats
+from .quantized import compute_dtype, weight_backend
 from .router import build_router, check_finite, gate
 
 # Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
@@ -28,7 +31,8 @@ DENSE_TOPK_MAX_EXTRA_RANK = 256
 
 
 class MergeNotSupportedError(ValueError):
-    """Raised when an adapter's update depends on each input and cannot be folded into the base weight."""
+    """Raised when a merge would not keep every active adapter applying: an adapter whose update depends on each
+    input (it cannot be folded into the base weight), or an active adapter that unloading would drop."""
 
 
 class ILoraLayer(BaseTunerLayer):
@@ -39,11 +43,7 @@ class ILoraLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"ilora can adapt torch.nn.Linear modules only, got {type(base).__name__}; "
-                "narrow target_modules or add this module to exclude_modules"
-            )
+        self.weight_backend = weight_backend(base)  # refuses, by type name, any base ilora cannot merge into
         self.base_layer = base_layer
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r: dict[str, int] = {}
@@ -55,7 +55,7 @@ class ILoraLayer(BaseTunerLayer):
         self.ilora_dropout = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._merged_gates: dict[str, torch.Tensor] = {}
+        self._merged: dict[str, _Merged] = {}
         self._aux: dict[str, torch.Tensor] = {}  # router statistics of the last training forward
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
 
@@ -96,15 +96,18 @@ class ILoraLayer(BaseTunerLayer):
         raise MergeNotSupportedError(
             f"adapter {adapter_name!r} uses {config.router} routing: its update depends on each input, so it cannot "
             "be folded into the base weight exactly. Export a lossy plain-LoRA approximation instead with "
-            "ilora.export_to_lora(...) (router-averaged or SVD-truncated, error measured), see README 'Export'."
+            "ilora.export_to_lora(...) (router-averaged or SVD-truncated, error measured), see README 'Export', or "
+            "merge only the other adapters with merge_adapter(adapter_names=[...]): this one keeps running beside them."
         )
 
     def get_delta_weight(self, adapter_name: str, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """``[d_out, d_in]`` update of the base weight for fixed routing weights (``nn.Linear`` layout)."""
+        """``[d_out, d_in]`` update of the base weight for fixed routing weights (``nn.Linear`` layout), in float32
+        (float64 for a float64 adapter), unrounded."""
         g = self._fixed_gates(adapter_name) if gates is None else gates
         A, B = self.ilora_A[adapter_name], self.ilora_B[adapter_name]
-        g = g.to(device=B.device, dtype=torch.float32)
-        A32, B32 = A.float(), B.float()
+        dtype = compute_dtype(B.dtype)
+        g = g.to(device=B.device, dtype=dtype)
+        A32, B32 = A.to(dtype), B.to(dtype)
         if A.shape[0] == 1:
             delta = A32[0] @ torch.einsum("e,erd->rd", g, B32)
         else:
@@ -112,26 +115,64 @@ class ILoraLayer(BaseTunerLayer):
         return (delta * self.scaling[adapter_name]).T
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.ilora_A]
+        """Fold adapters into the base weight: ``W = round(W0 + delta)``, the sum in float32 and rounded (or, on a
+        quantized base, quantized) once. Merging an adapter already merged warns and does nothing, as in PEFT."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.ilora_A]
         base = self.get_base_layer()
         for name in names:
-            if name in self.merged_adapters:
-                continue
             gates = self._fixed_gates(name)
-            delta = self.get_delta_weight(name, gates).to(base.weight.dtype)
-            merged = base.weight.data + delta
-            if safe_merge and not torch.isfinite(merged).all():
+            config = self.ilora_config[name]
+            task_ids = call_state()[0] if config.router == "task" and config.num_experts > 1 else None
+            delta = self._delta_like_base(name, gates)
+            value = self.weight_backend.read(base) + delta
+            if safe_merge and not torch.isfinite(value).all():
                 raise ValueError(f"merging adapter {name!r} into {self.ilora_name} produced NaN or inf")
-            base.weight.data = merged
-            self._merged_gates[name] = gates
+            if self.weight_backend.requantizes:
+                warnings.warn(
+                    f"merging into a {type(base).__name__} base quantizes the merged weights again: each may move by "
+                    "up to half a quantization step from the exact sum (unmerge restores the original exactly)",
+                    stacklevel=2,
+                )
+            saved = self.weight_backend.write(base, value, delta)
+            self._merged[name] = _Merged(gates, None if task_ids is None else task_ids.clone(), saved)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """Undo the merges, last first, restoring the base weight bit for bit (see ``ilora.quantized``)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            delta = self.get_delta_weight(name, self._merged_gates.pop(name))
-            base.weight.data -= delta.to(base.weight.dtype)
+            merged = self._merged.pop(name)
+            self.weight_backend.restore(base, self._delta_like_base(name, merged.gates), merged.saved)
+
+    def _delta_like_base(self, name: str, gates: torch.Tensor) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return self.get_delta_weight(name, gates).to(device=weight.device, dtype=compute_dtype(weight.dtype))
+
+    def check_merged_routing(self) -> None:
+        """Refuse a call whose task ids differ from those a merged task-routed adapter was folded in for."""
+        ids = call_state()[0]
+        if ids is None:
+            return
+        for name in self.merged_adapters:
+            folded = self._merged[name].task_ids
+            if folded is not None and not torch.equal(ids.to(folded.device).unique(), folded):
+                raise ValueError(
+                    f"adapter {name!r} is merged for task {folded.item()} in {self.ilora_name}, but this call routes "
+                    f"task ids {ids.unique().tolist()}: call unmerge_adapter() first, or merge for the task you run"
+                )
+
+
+@dataclass
+class _Merged:
+    """What ``unmerge`` needs of one merged adapter: its gates, the task it was folded in for, the backend's record."""
+
+    gates: torch.Tensor
+    task_ids: torch.Tensor | None
+    saved: Any
 
 
 class Linear(nn.Module, ILoraLayer):
@@ -155,10 +196,10 @@ class Linear(nn.Module, ILoraLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            self.check_merged_routing()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
-            if name in self.ilora_A:
+            if name in self.ilora_A and name not in self.merged_adapters:  # the others run beside the merged ones
                 result = self._add_adapter(name, x, result)
         return result
 

@@ -18,7 +18,7 @@ from torch import nn
 from ._peft import PREFIX
 from .config import ILoraConfig
 from .context import STATE, TASK_IDS_KWARG, _as_task_tensor, routing_context
-from .layer import ILoraLayer, Linear
+from .layer import ILoraLayer, Linear, MergeNotSupportedError
 
 
 def _cache_length(past_key_values: Any) -> int:
@@ -175,46 +175,65 @@ class ILoraModel(BaseTuner):
         adapter_names: list[str] | None = None,
         task_id: int | None = None,
     ) -> nn.Module:
-        """Fold the adapters into the base weights and return the base model.
+        """Fold the adapters (default: the active ones) into the base weights and return the base model.
 
-        Exact for one expert, and for task routing given ``task_id`` (that task's experts are folded in). Token and
-        sequence routing depend on each input: those raise ``MergeNotSupportedError`` (see ``ilora.export_to_lora``).
+        Exact for one expert, and for task routing given ``task_id`` (that task's experts are folded in); each weight
+        is summed in float32 and rounded (or requantized) once. Raises ``MergeNotSupportedError`` before touching any
+        weight when an adapter routes by input (token, sequence; see ``ilora.export_to_lora``) or when an active
+        adapter is left out of ``adapter_names`` (unloading would drop it), and ``ValueError`` when an adapted weight
+        is shared with another module (tied embeddings, a reused module): merging would change that module too.
         """
         with routing_context(task_ids=task_id) if task_id is not None else nullcontext():
-            self._check_mergeable(adapter_names)
+            self._check_mergeable(adapter_names, unload=True)
             return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove the adapters and return the untouched base model."""
+        """Remove the adapters and return the base model, with its original (possibly quantized) layers."""
         return self._unload_and_optionally_merge(merge=False)
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_mergeable(adapter_names)
-        for module in self.model.modules():
-            if isinstance(module, ILoraLayer):
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, task_id: int | None = None
+    ) -> None:
+        """Fold adapters (default: the active ones) into the base weights; active adapters left out keep running
+        beside them, and ``unmerge_adapter`` restores the base weights bit for bit. Refusals as ``merge_and_unload``,
+        except that routed adapters may stay active when not named."""
+        with routing_context(task_ids=task_id) if task_id is not None else nullcontext():
+            self._check_mergeable(adapter_names, unload=False)
+            for module in _unique_layers(self.model):
                 module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
-        # Fail before touching any weight, so a refused merge leaves the model as it was.
-        for module in self.model.modules():
-            if isinstance(module, ILoraLayer):
-                for name in adapter_names or module.active_adapters:
-                    if name in module.ilora_A:
-                        module._fixed_gates(name)
-                break
+    def _check_mergeable(self, adapter_names: list[str] | None, unload: bool) -> None:
+        # Every check runs over every layer before any weight changes, so a refused merge leaves the model as it was.
+        layers = _unique_layers(self.model)
+        for module in layers:
+            names = module.active_adapters if adapter_names is None else adapter_names
+            for name in names:
+                if name in module.ilora_A and name not in module.merged_adapters:
+                    module._fixed_gates(name)
+            dropped = [n for n in module.active_adapters if n in module.ilora_A and n not in names]
+            if unload and dropped:
+                raise MergeNotSupportedError(
+                    f"adapter(s) {dropped} are still active in {module.ilora_name} but not in adapter_names={names}: "
+                    "merge_and_unload removes every adapter layer, so they would be dropped. Name them too, deactivate "
+                    "them first (set_adapter), or use merge_adapter(adapter_names=...) to keep them running unmerged."
+                )
+        _refuse_shared_weights(self.model, layers)
 
     def _unload_and_optionally_merge(
         self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None, **_: Any
     ) -> nn.Module:
-        keys = [key for key, _ in self.model.named_modules() if PREFIX not in key]
+        # Every path to a module, not just the first: a layer reachable from two places is replaced at both.
+        keys = [key for key, _ in self.model.named_modules(remove_duplicate=False) if PREFIX not in key]
+        merged: set[int] = set()
         for key in keys:
             try:
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue
             if isinstance(target, ILoraLayer):
-                if merge:
+                if merge and id(target) not in merged:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    merged.add(id(target))
                 setattr(parent, target_name, target.get_base_layer())
             elif isinstance(target, ModulesToSaveWrapper):
                 replacement = (
@@ -228,6 +247,30 @@ class ILoraModel(BaseTuner):
         for hook in self._hooks:
             hook.remove()
         return self.model
+
+
+def _unique_layers(model: nn.Module) -> list[ILoraLayer]:
+    return [m for m in model.modules() if isinstance(m, ILoraLayer)]
+
+
+def _refuse_shared_weights(model: nn.Module, layers: list[ILoraLayer]) -> None:
+    """Refuse to merge into a base weight that any module outside its routed layer also uses (tied embeddings, a
+    module reused in several places, one Parameter in two layers): the merge would change that module too."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+        for param_name, param in module.named_parameters(prefix=name, recurse=False, remove_duplicate=False):
+            paths.setdefault(id(param), []).append(param_name)
+    for layer in layers:
+        own = [p + "." for p in paths[id(layer)]]
+        users = [p for p in paths.get(id(layer.get_base_layer().weight), []) if not p.startswith(tuple(own))]
+        if users:
+            raise ValueError(
+                f"cannot merge into {layer.ilora_name}: its weight is shared with {users} (tied weights such as "
+                "tie_word_embeddings=True, or a module or Parameter used in several places), so merging would change "
+                "them too. Keep the adapter unmerged, leave this module out of target_modules, or untie the weight "
+                "before get_peft_model (e.g. load with tie_word_embeddings=False and clone the weight)."
+            )
 
 
 def ilora_layers(model: nn.Module) -> list[ILoraLayer]:

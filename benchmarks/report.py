@@ -19,6 +19,10 @@ from .providers import SHAPES
 
 Row = dict[str, Any]
 
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"  # committed records: written only on request (--record), never overwritten
+SCRATCH = BENCH_DIR / "out"  # ignored by git: where every run writes by default
+
 
 def environment(threads: int) -> dict[str, Any]:
     """Machine, versions, commit and date: what a reader needs to reproduce or compare a result file."""
@@ -173,11 +177,42 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, env: dict[str, Any], config: dict[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
-    """Write the result file (environment, run configuration, rows, targets); returns what was written."""
-    data = {"environment": env, "config": config, "rows": list(rows), "targets": evaluate_targets(rows)}
+def result_paths(env: dict[str, Any], kind: str, record: bool, out: Path | None = None) -> tuple[Path, Path]:
+    """The JSON and PNG paths of one run of ``kind`` (``quick``, ``full``, ``model``, ...).
+
+    By default a run writes to the ignored :data:`SCRATCH` folder, its stem carrying the time of day so that runs
+    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`;
+    ``out`` replaces the folder either way.
+    """
+    date = env["date"][:10]
+    when = date if record else env["date"][:19].replace(":", "")
+    folder = out if out is not None else RESULTS if record else SCRATCH
+    stem = f"{when}_{machine_tag(env)}_{kind}"
+    return folder / f"{stem}.json", folder / f"{stem}.png"
+
+
+def check_free(paths: Sequence[Path]) -> None:
+    """Raise ``FileExistsError`` naming the first of ``paths`` that exists: a result file is never overwritten."""
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(
+                f"{path} exists: a result file is never overwritten; move or delete it, or pass another --out"
+            )
+
+
+def write_text_new(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; ``FileExistsError`` if it exists (exclusive create: no race either)."""
+    check_free([path])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    with path.open("x") as f:
+        f.write(text)
+
+
+def write_json(path: Path, env: dict[str, Any], config: dict[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
+    """Write the result file (environment, run configuration, rows, targets) as a new file; returns what was
+    written. Raises ``FileExistsError`` if ``path`` exists."""
+    data = {"environment": env, "config": config, "rows": list(rows), "targets": evaluate_targets(rows)}
+    write_text_new(path, json.dumps(data, indent=1) + "\n")
     return data
 
 

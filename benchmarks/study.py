@@ -6,9 +6,9 @@ tasks where multi-task training beats single-task training.
 .venv/bin/python -m benchmarks.study --record    # the committed record, benchmarks/results/ (never overwritten)
 
 The data. Sequences ``[task token, x1, y1, x2, y2, ...]`` over ``symbols`` symbols: ``y_i = map_t(x_i)``. The maps of
-all tasks agree on the first half of the symbols (shared structure: one task's data teaches the others) and are
-independent random permutations of the second half (conflict: the same input has a different answer per task, told
-only by the task token). A model that ignores the task token cannot score above chance on the conflicting half.
+all tasks agree on the first half of the symbols (shared structure: one task's data teaches the others) and differ
+on every symbol of the second half (conflict: each input there has a different answer in every task, told only by
+the task token). A model that ignores the task token cannot score above chance on the conflicting half.
 The score is the accuracy of the predicted ``y`` tokens (argmax, teacher forced) on held-out sequences.
 
 The model. A randomly initialized tiny Llama (frozen, no download), all seven projections adapted. Each setting's
@@ -66,12 +66,18 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
 
 
 def task_maps(size: StudySize, seed: int) -> torch.Tensor:
-    """``[tasks, symbols]``: ``maps[t, x]`` is task t's answer to symbol x. Columns of the first half are equal
-    across tasks; the second half is a separate random permutation (of that half) per task."""
-    g = torch.Generator().manual_seed(10_000 + seed)
+    """``[tasks, symbols]``: ``maps[t, x]`` is task t's answer to symbol x, a permutation per task. On the first half
+    of the symbols every task has the same map; on the second half, ``m`` symbols, task t answers
+    ``half + cycle[(start[x] + t) % m]`` (random ``cycle`` and ``start``), so any two tasks give different answers
+    to every symbol of that half (needs ``tasks <= m``)."""
     half = size.symbols // 2
+    m = size.symbols - half
+    if size.tasks > m:
+        raise ValueError(f"StudySize.tasks: {size.tasks} tasks cannot all conflict on {m} symbols; raise symbols")
+    g = torch.Generator().manual_seed(10_000 + seed)
     shared = torch.randperm(half, generator=g)
-    rows = [torch.cat([shared, half + torch.randperm(size.symbols - half, generator=g)]) for _ in range(size.tasks)]
+    cycle, start = torch.randperm(m, generator=g), torch.randperm(m, generator=g)
+    rows = [torch.cat([shared, half + cycle[(start + t) % m]]) for t in range(size.tasks)]
     return torch.stack(rows)
 
 
@@ -289,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .run import add_output_args
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=StudySize.steps)
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads, recorded")

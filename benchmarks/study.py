@@ -19,6 +19,7 @@ each setting's count. Single-task runs train one adapter per task on that task a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -281,13 +282,18 @@ def plot_study(summary: dict[str, Any], path: Path, title: str) -> None:
         pos = [t + (j - (len(names) - 1) / 2) * width for t in range(tasks)]
         right.bar(pos, [m for m, _ in ms], width=width, yerr=[h for _, h in ms], capsize=2, label=n)
     right.set_xticks(range(tasks), [f"task {t}" for t in range(tasks)])
-    right.set_ylim(0, 1)
-    right.legend(fontsize=7, ncol=3, loc="lower right")
+    right.set_ylim(0, 1.3)  # room above 1 for the CI whiskers and the legend
+    right.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    right.legend(fontsize=7, ncol=len(names), loc="upper center")
     right.set_title("multi-task score per task, 95% CI over seeds", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(stem: str, tasks: int, seeds: int) -> str:
+    return f"{stem}: {tasks} conflicting tasks, {seeds} seeds"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,8 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=StudySize.steps)
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads, recorded")
+    ap.add_argument("--replot", type=Path, default=None, help="redraw the PNG beside this study JSON, run nothing")
     add_output_args(ap)
     args = ap.parse_args(argv)
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        title = _title(args.replot.stem, data["config"]["size"]["tasks"], data["config"]["seeds"])
+        plot_study(data["summary"], args.replot.with_suffix(".png"), title)
+        return 0
     torch.set_num_threads(args.threads)
     size = StudySize(steps=args.steps)
     env = environment(args.threads)
@@ -318,11 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_summary(summary))
     print(f"\nwall time {config['wall_s']} s", file=sys.stderr)
     if not args.no_write:
-        import json
-
         record = {"environment": env, "config": config, "results": results, "summary": summary}
         write_text_new(paths[0], json.dumps(record, indent=1) + "\n")
-        plot_study(summary, paths[1], f"{paths[0].stem}: {size.tasks} conflicting tasks, {args.seeds} seeds")
+        plot_study(summary, paths[1], _title(paths[0].stem, size.tasks, args.seeds))
         print(f"wrote {paths[0]} and {paths[1].name}")
     return 0
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .harness import Step, _quantiles, time_interleaved
+from .harness import Step, quartiles, time_interleaved
 from .model_providers import MODEL_PROVIDERS, Built, ModelSize, base_model, build_model, model_skip_reason
-from .report import _mib, _ms, check_free, environment, result_paths, write_text_new
+from .report import check_free, environment, format_mib, format_ms, result_paths, write_text_new
 
 Row = dict[str, Any]
 QUICK_ROUNDS = 7
@@ -99,9 +99,9 @@ def run_model_step(
     samples = time_interleaved(steps, torch.device(device), rounds, warmup, min_round_s=0.0)
     frozen = samples["frozen"]
     for name, ts in samples.items():
-        q1, med, q3 = _quantiles(ts)
+        q1, med, q3 = quartiles(ts)
         pair = MODEL_PROVIDERS[name].paired_with
-        ratios = _quantiles([t / b for t, b in zip(ts, frozen)])
+        ratios = quartiles([t / b for t, b in zip(ts, frozen)])
         row = {
             **info[name], "median_s": med, "q1_s": q1, "q3_s": q3, "rounds": len(ts),
             "x_frozen": ratios[1], "x_frozen_q1": ratios[0], "x_frozen_q3": ratios[2],
@@ -122,9 +122,9 @@ def format_model_table(rows: Sequence[Row]) -> str:
             continue
         pair = "-" if r["x_pair"] is None else f"{r['x_pair']:.2f} ({r['paired_with']})"
         lines.append(
-            f"| {r['provider']} | {r['what']} | {r['trainable_params']:,} | {_ms(r['median_s'])} | "
-            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_frozen']:.2f} | {pair} | {_mib(r['peak_bytes'])} | "
-            f"{r['init_max_abs_err']:.1e} |"
+            f"| {r['provider']} | {r['what']} | {r['trainable_params']:,} | {format_ms(r['median_s'])} | "
+            f"{format_ms(r['q1_s'])}-{format_ms(r['q3_s'])} | {r['x_frozen']:.2f} | {pair} | "
+            f"{format_mib(r['peak_bytes'])} | {r['init_max_abs_err']:.1e} |"
         )
     lines += [f"\nskipped: {r['provider']}: {r['skipped']}" for r in rows if "skipped" in r]
     return "\n".join(lines)

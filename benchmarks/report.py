@@ -134,11 +134,13 @@ def _ilora_gpu(rows: Sequence[Row], **match: Any) -> Row | None:
     return None
 
 
-def _ms(s: float | None) -> str:
+def format_ms(s: float | None) -> str:
+    """Seconds as milliseconds, 3 significant digits ("-" for None)."""
     return "-" if s is None else f"{s * 1e3:.3g}" if abs(s) < 1 else f"{s * 1e3:.0f}"
 
 
-def _mib(b: int | None) -> str:
+def format_mib(b: int | None) -> str:
+    """Bytes as MiB with 2 decimals ("-" for None)."""
     return "-" if b is None else f"{b / 2**20:.2f}"
 
 
@@ -154,12 +156,12 @@ def format_table(rows: Sequence[Row]) -> str:
         # The anchor's floor ratio, adapter time and adapter bytes say nothing: dashes.
         anchor = r["provider"] == "base"
         x_floor = "-" if anchor else f"{r['x_floor']:.2f}"
-        adapter = "-" if anchor else _ms(r["adapter_s"])
-        saved = "-" if anchor else _mib(r["saved_bytes"])
+        adapter = "-" if anchor else format_ms(r["adapter_s"])
+        saved = "-" if anchor else format_mib(r["saved_bytes"])
         lines.append(
-            f"| {r['shape']} | {r['tokens']} | {r['mode']} | {r['provider']} | {_ms(r['median_s'])} | "
-            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
-            f"{_mib(r['peak_bytes'])} |"
+            f"| {r['shape']} | {r['tokens']} | {r['mode']} | {r['provider']} | {format_ms(r['median_s'])} | "
+            f"{format_ms(r['q1_s'])}-{format_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
+            f"{format_mib(r['peak_bytes'])} |"
         )
     lines += [f"\nskipped: {name}: {'; '.join(why)}" for name, why in skipped.items()]
     return "\n".join(lines)
@@ -239,11 +241,11 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
                     ys.append(r["x_base"])
             ax.bar(xs, ys, width=width, label=prov)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.25 * max([r["x_base"] for r in measured if r["mode"] == mode], default=1.0))  # legend room
         ax.set_xticks(range(len(groups)), [f"{s}\nT={t}" for s, t in groups])
         ax.set_ylabel("time / base linear")
         ax.set_title(f"{title} {mode}".strip())
-    axes[0, 0].legend(fontsize=7, ncol=min(4, len(providers)))
+    axes[0, 0].legend(fontsize=7, ncol=len(providers), loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

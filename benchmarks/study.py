@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .run import add_output_args
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=StudySize.steps)
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads, recorded")

@@ -2,7 +2,7 @@
 that conflict by construction; per-task score, mean with a 95% confidence interval over seeds, and the share of
 tasks where multi-task training beats single-task training.
 
-.venv/bin/python -m benchmarks.study             # ~5 minutes on 2 quiet cores; JSON and PNG in benchmarks/out/
+.venv/bin/python -m benchmarks.study             # 8 minutes on 2 heavily loaded cores; JSON, PNG in benchmarks/out/
 .venv/bin/python -m benchmarks.study --record    # the committed record, benchmarks/results/ (never overwritten)
 
 The data. Sequences ``[task token, x1, y1, x2, y2, ...]`` over ``symbols`` symbols: ``y_i = map_t(x_i)``. The maps of
@@ -223,8 +223,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per setting: per-task mean and CI (multi- and single-task), the mean over tasks (per seed, then CI over
-    seeds), and the share of tasks where the multi-task mean beats the single-task mean."""
+    seeds), the share of tasks where the multi-task mean beats the single-task mean, and (when plain LoRA ran) the
+    multi-task mean minus LoRA's, paired by seed (same base, data and batches), with its CI."""
     out = {}
+    seed_means = {k: [statistics.fmean(run) for run in res["multi"]] for k, res in results.items()}
     for setting, res in results.items():
         multi, single = res["multi"], res["single"]
         tasks = range(len(multi[0]))
@@ -237,19 +239,28 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "multi_mean": mean_ci([statistics.fmean(run) for run in multi]),
             "single_mean": mean_ci([statistics.fmean(run) for run in single]),
             "share_multi_beats_single": beats / len(per_task),
+            "minus_lora_paired": (
+                mean_ci([a - b for a, b in zip(seed_means[setting], seed_means["lora"])])
+                if "lora" in results and setting != "lora" else None
+            ),
         }  # fmt: skip
     return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     tasks = len(next(iter(summary.values()))["multi_per_task"])
-    head = ["setting", "rank", "params", *[f"task {t}" for t in range(tasks)], "mean (95% CI)", "single-task mean"]
+    head = [
+        "setting", "rank", "params", *[f"task {t}" for t in range(tasks)], "mean (95% CI)", "minus LoRA, paired",
+        "single-task mean",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for setting, s in summary.items():
         cells = [f"{m:.3f} ± {h:.3f}" for m, h in s["multi_per_task"]]
+        paired = s.get("minus_lora_paired")
+        diff = "-" if paired is None else f"{paired[0]:+.3f} ± {paired[1]:.3f}"
         lines.append(
             f"| {setting} | {s['rank']} | {s['trainable_params']:,} | {' | '.join(cells)} | "
-            f"**{s['multi_mean'][0]:.3f} ± {s['multi_mean'][1]:.3f}** | "
+            f"**{s['multi_mean'][0]:.3f} ± {s['multi_mean'][1]:.3f}** | {diff} | "
             f"{s['single_mean'][0]:.3f} ± {s['single_mean'][1]:.3f} |"
         )
     shares = ", ".join(f"{k} {s['share_multi_beats_single']:.0%}" for k, s in summary.items())
@@ -305,13 +316,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=StudySize.steps)
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads, recorded")
-    ap.add_argument("--replot", type=Path, default=None, help="redraw the PNG beside this study JSON, run nothing")
+    ap.add_argument(
+        "--replot", type=Path, default=None, help="reprint the table of this study JSON, redraw its PNG; run nothing"
+    )
     add_output_args(ap)
     args = ap.parse_args(argv)
     if args.replot is not None:
         data = json.loads(args.replot.read_text())
         title = _title(args.replot.stem, data["config"]["size"]["tasks"], data["config"]["seeds"])
-        plot_study(data["summary"], args.replot.with_suffix(".png"), title)
+        summary = summarize(data["results"])  # recomputed from the raw scores: summaries added later show too
+        print(format_summary(summary))
+        plot_study(summary, args.replot.with_suffix(".png"), title)
         return 0
     torch.set_num_threads(args.threads)
     size = StudySize(steps=args.steps)

@@ -93,10 +93,16 @@ def test_tiny_study_runs_and_summarizes(tmp_path) -> None:
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_summary_share_counts_tasks() -> None:
-    results = {
-        "x": {"rank": 1, "trainable_params": 1, "multi": [[0.9, 0.1], [0.7, 0.3]], "single": [[0.5, 0.5], [0.5, 0.5]]}
-    }
-    s = study.summarize(results)["x"]
+def test_summary_share_counts_tasks_and_pairs_by_seed() -> None:
+    runs = {"multi": [[0.9, 0.1], [0.7, 0.3]], "single": [[0.5, 0.5], [0.5, 0.5]]}
+    lora = {"multi": [[0.4, 0.4], [0.3, 0.3]], "single": [[0.5, 0.5], [0.5, 0.5]]}
+    results = {"x": {"rank": 1, "trainable_params": 1, **runs}, "lora": {"rank": 2, "trainable_params": 1, **lora}}
+    summary = study.summarize(results)
+    s = summary["x"]
     assert s["share_multi_beats_single"] == 0.5  # task 0: 0.8 > 0.5; task 1: 0.2 < 0.5
     assert s["multi_mean"][0] == pytest.approx(0.5)
+    # paired by seed: 0.5 - 0.4 and 0.5 - 0.3; sd of (0.1, 0.2) is 0.0707, so the half-width is 12.706 * 0.05
+    assert s["minus_lora_paired"][0] == pytest.approx(0.15)
+    assert s["minus_lora_paired"][1] == pytest.approx(12.706 * 0.05, rel=1e-4)
+    assert summary["lora"]["minus_lora_paired"] is None
+    assert "+0.150 ± 0.635" in study.format_summary(summary)

@@ -38,8 +38,11 @@ test-oldest: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Quick CPU subset, layer and model level (~3 minutes on 2 quiet cores); writes to the ignored benchmarks/out/.
+# To keep a record: the same commands with --record (benchmarks/results/, never overwritten), then commit it.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.model_step --quick
 
 quickstart: $(STAMP)
 	$(BIN)/python examples/tiny_causal_lm.py

@@ -17,16 +17,15 @@ import os
 import pytest
 import torch
 
-from .flops import MODES, flop_ratio
+from .flops import flop_ratio
+from .grid import FULL, QUICK, layer_size
 from .harness import make_step, saved_bytes
 from .providers import PROVIDERS, SHAPES, build, make_problem, skip_reason
 
-FULL = os.environ.get("ILORA_BENCH", "quick") == "full"
+GRID = FULL if os.environ.get("ILORA_BENCH", "quick") == "full" else QUICK
 CUDA = torch.cuda.is_available()
-DEVICE, DTYPE, D = ("cuda", torch.bfloat16, 4096) if CUDA else ("cpu", torch.float32, 1024)
-SHAPE_NAMES = list(SHAPES) if FULL else ["crabplus", "moe"]
-TOKENS = [1, 16, 2048, 8192] if FULL else [16, 2048]
-BENCH_MODES = list(MODES) if FULL else ["fwd", "fwd+bwd"]
+DEVICE = "cuda" if CUDA else "cpu"
+D, DTYPE = layer_size(DEVICE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,9 +34,9 @@ def _problem(shape: str, tokens: int):  # one problem alive at a time: d=4096, T
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("mode", BENCH_MODES)
-@pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", SHAPE_NAMES)
+@pytest.mark.parametrize("mode", GRID.modes)
+@pytest.mark.parametrize("tokens", GRID.tokens)
+@pytest.mark.parametrize("shape", GRID.shapes)
 def test_routed_lora(benchmark, shape: str, tokens: int, mode: str, provider: str) -> None:
     p = _problem(shape, tokens)
     if (why := skip_reason(provider, p)) is not None:

@@ -161,7 +161,8 @@ def reference_output(p: Problem) -> torch.Tensor:
     return x @ p.weight.float().T + delta
 
 
-def _quantiles(xs: Sequence[float]) -> tuple[float, float, float]:
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median, third quartile (inclusive method; all three the value itself for one value)."""
     q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
     return q1, med, q3
 
@@ -204,10 +205,10 @@ def run_case(
             {n: make_step(m, p, mode) for n, m in modules.items()}, torch.device(device), rounds, warmup, min_round_s
         )
         base = samples["base"]
-        _, base_med, _ = _quantiles(base)
+        _, base_med, _ = quartiles(base)
         fr = flop_ratio(shape, tokens, d, d, mode)
         for name, ts in samples.items():
-            q1, med, q3 = _quantiles(ts)
+            q1, med, q3 = quartiles(ts)
             # Ratios and differences are paired by round (median over rounds): the two samples of a round ran
             # seconds apart, so load from other processes on a shared machine mostly cancels.
             x_base = statistics.median(t / b for t, b in zip(ts, base))

@@ -1,6 +1,7 @@
 """Record a kernel test run: pass/fail of every kernel test, the largest error of each comparison and the resources
 of every sm_90 build (registers, spills, shared memory, MMA kind), with the machine, versions and commit, as
-``results/<date>_<machine>_kernels.json``.
+``out/<date>T<time>_<machine>_kernels.json`` (ignored), or with ``--record`` as the committed
+``results/<date>_<machine>_kernels.json`` (refused if it exists).
 
     python -m benchmarks.kernel_check                 # on a GPU: compiled kernels, bf16, the convergence test
     python -m benchmarks.kernel_check -- -k "soft"    # extra pytest arguments after --
@@ -23,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .report import environment, machine_tag
+from .report import check_free, environment, result_paths, write_text_new
+from .run import add_output_args
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 TESTS = ["tests/kernels", "tests/ilora/test_layer_kernels.py"]
 
 
@@ -57,10 +58,12 @@ def summarize(junit_xml: Path, errors_jsonl: Path, builds_jsonl: Path | None = N
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_check", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_output_args(ap)
     ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     args = ap.parse_args(argv)
+    path, _ = result_paths(environment(torch.get_num_threads()), "kernels", args.record, args.out)
+    if not args.no_write:
+        check_free([path])
     with tempfile.TemporaryDirectory() as tmp:
         junit, errors, builds = (Path(tmp) / name for name in ("junit.xml", "errors.jsonl", "builds.jsonl"))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, f"--junitxml={junit}"]
@@ -86,9 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"most shared memory {max(r['shared_bytes'] for r in rows)} B"
         )
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{record['date'][:10]}_{machine_tag(record)}_kernels.json"
-        path.write_text(json.dumps(record, indent=1))
+        write_text_new(path, json.dumps(record, indent=1))
         print(f"wrote {path}")
     return proc.returncode
 

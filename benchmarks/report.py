@@ -19,6 +19,10 @@ from .providers import SHAPES
 
 Row = dict[str, Any]
 
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"  # committed records: written only on request (--record), never overwritten
+SCRATCH = BENCH_DIR / "out"  # ignored by git: where every run writes by default
+
 
 def environment(threads: int) -> dict[str, Any]:
     """Machine, versions, commit and date: what a reader needs to reproduce or compare a result file."""
@@ -130,11 +134,13 @@ def _ilora_gpu(rows: Sequence[Row], **match: Any) -> Row | None:
     return None
 
 
-def _ms(s: float | None) -> str:
+def format_ms(s: float | None) -> str:
+    """Seconds as milliseconds, 3 significant digits ("-" for None)."""
     return "-" if s is None else f"{s * 1e3:.3g}" if abs(s) < 1 else f"{s * 1e3:.0f}"
 
 
-def _mib(b: int | None) -> str:
+def format_mib(b: int | None) -> str:
+    """Bytes as MiB with 2 decimals ("-" for None)."""
     return "-" if b is None else f"{b / 2**20:.2f}"
 
 
@@ -150,12 +156,12 @@ def format_table(rows: Sequence[Row]) -> str:
         # The anchor's floor ratio, adapter time and adapter bytes say nothing: dashes.
         anchor = r["provider"] == "base"
         x_floor = "-" if anchor else f"{r['x_floor']:.2f}"
-        adapter = "-" if anchor else _ms(r["adapter_s"])
-        saved = "-" if anchor else _mib(r["saved_bytes"])
+        adapter = "-" if anchor else format_ms(r["adapter_s"])
+        saved = "-" if anchor else format_mib(r["saved_bytes"])
         lines.append(
-            f"| {r['shape']} | {r['tokens']} | {r['mode']} | {r['provider']} | {_ms(r['median_s'])} | "
-            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
-            f"{_mib(r['peak_bytes'])} |"
+            f"| {r['shape']} | {r['tokens']} | {r['mode']} | {r['provider']} | {format_ms(r['median_s'])} | "
+            f"{format_ms(r['q1_s'])}-{format_ms(r['q3_s'])} | {r['x_base']:.2f} | {x_floor} | {adapter} | {saved} | "
+            f"{format_mib(r['peak_bytes'])} |"
         )
     lines += [f"\nskipped: {name}: {'; '.join(why)}" for name, why in skipped.items()]
     return "\n".join(lines)
@@ -173,11 +179,42 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, env: dict[str, Any], config: dict[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
-    """Write the result file (environment, run configuration, rows, targets); returns what was written."""
-    data = {"environment": env, "config": config, "rows": list(rows), "targets": evaluate_targets(rows)}
+def result_paths(env: dict[str, Any], kind: str, record: bool, out: Path | None = None) -> tuple[Path, Path]:
+    """The JSON and PNG paths of one run of ``kind`` (``quick``, ``full``, ``model``, ...).
+
+    By default a run writes to the ignored :data:`SCRATCH` folder, its stem carrying the time of day so that runs
+    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`;
+    ``out`` replaces the folder either way.
+    """
+    date = env["date"][:10]
+    when = date if record else env["date"][:19].replace(":", "")
+    folder = out if out is not None else RESULTS if record else SCRATCH
+    stem = f"{when}_{machine_tag(env)}_{kind}"
+    return folder / f"{stem}.json", folder / f"{stem}.png"
+
+
+def check_free(paths: Sequence[Path]) -> None:
+    """Raise ``FileExistsError`` naming the first of ``paths`` that exists: a result file is never overwritten."""
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(
+                f"{path} exists: a result file is never overwritten; move or delete it, or pass another --out"
+            )
+
+
+def write_text_new(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; ``FileExistsError`` if it exists (exclusive create: no race either)."""
+    check_free([path])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    with path.open("x") as f:
+        f.write(text)
+
+
+def write_json(path: Path, env: dict[str, Any], config: dict[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
+    """Write the result file (environment, run configuration, rows, targets) as a new file; returns what was
+    written. Raises ``FileExistsError`` if ``path`` exists."""
+    data = {"environment": env, "config": config, "rows": list(rows), "targets": evaluate_targets(rows)}
+    write_text_new(path, json.dumps(data, indent=1) + "\n")
     return data
 
 
@@ -204,11 +241,11 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
                     ys.append(r["x_base"])
             ax.bar(xs, ys, width=width, label=prov)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.25 * max([r["x_base"] for r in measured if r["mode"] == mode], default=1.0))  # legend room
         ax.set_xticks(range(len(groups)), [f"{s}\nT={t}" for s, t in groups])
         ax.set_ylabel("time / base linear")
         ax.set_title(f"{title} {mode}".strip())
-    axes[0, 0].legend(fontsize=7, ncol=min(4, len(providers)))
+    axes[0, 0].legend(fontsize=7, ncol=len(providers), loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,7 +1,8 @@
-"""The one command: time every provider, print the table and targets, write JSON and a PNG under results/.
+"""The one command: time every provider, print the table and targets, write JSON and a PNG (benchmarks/out/).
 
 .venv/bin/python -m benchmarks.run --quick          # CPU subset, < 5 minutes on 2 cores
 .venv/bin/python -m benchmarks.run                  # full grid of this machine (CPU: d=1024 fp32; GPU: d=4096 bf16)
+.venv/bin/python -m benchmarks.run --quick --record # a record to commit: benchmarks/results/, never overwritten
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ from typing import Any
 import torch
 
 from .flops import MODES
+from .grid import FULL, QUICK, layer_size
 from .harness import run_case
 from .providers import PROVIDERS, SHAPES
-from .report import environment, evaluate_targets, format_table, format_targets, machine_tag, plot, write_json
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-# The quick subset: the two shapes with targets, decode-ish and training token counts, inference and training.
-QUICK = {"shapes": ["crabplus", "moe"], "tokens": [16, 2048], "modes": ["fwd", "fwd+bwd"], "rounds": 15}
-FULL = {"shapes": list(SHAPES), "tokens": [1, 16, 2048, 8192], "modes": list(MODES), "rounds": 15}
+from .report import (
+    check_free,
+    environment,
+    evaluate_targets,
+    format_table,
+    format_targets,
+    plot,
+    result_paths,
+    write_json,
+)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,18 +43,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d", type=int, default=None, help="d_in = d_out (default 4096 on GPU, 1024 on CPU)")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per provider (median and IQR over them)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU), recorded")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON and PNG")
-    ap.add_argument("--name", default=None, help="file stem (default: <date>_<machine>_<quick|full>)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_output_args(ap)
     return ap.parse_args(argv)
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """``--record``, ``--out`` and ``--no-write``: the same output options for every benchmark command."""
+    ap.add_argument(
+        "--record", action="store_true",
+        help="write a record to commit, benchmarks/results/<date>_<machine>_<kind>.json and .png (refused if it "
+        "exists); default: the ignored benchmarks/out/, stem with the time of day",
+    )  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None, help="another folder for the JSON and PNG")
+    ap.add_argument("--no-write", action="store_true", help="print only")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    preset = QUICK if args.quick else FULL
+    grid = QUICK if args.quick else FULL
     device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
-    d = args.d or (4096 if device == "cuda" else 1024)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    d, dtype = layer_size(device)
+    d = args.d or d
     # Pinned and recorded. One CPU thread by default: a multi-threaded GEMM waits at every barrier for its slowest
     # thread, so any other load on the machine swings the timings by 2x; one thread also compares across machines.
     threads = args.threads or (1 if device == "cpu" else torch.get_num_threads())
@@ -58,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     config: dict[str, Any] = {
         "preset": "quick" if args.quick else "full", "device": device, "d": d,
         "dtype": str(dtype).removeprefix("torch."),
-        "shapes": args.shapes or preset["shapes"], "tokens": args.tokens or preset["tokens"],
-        "modes": args.modes or preset["modes"], "providers": args.providers, "rounds": args.rounds or preset["rounds"],
+        "shapes": args.shapes or list(grid.shapes), "tokens": args.tokens or list(grid.tokens),
+        "modes": args.modes or list(grid.modes), "providers": args.providers, "rounds": args.rounds or grid.rounds,
         "threads": threads,
     }  # fmt: skip
     env = environment(threads)
+    paths = result_paths(env, config["preset"], args.record, args.out)
+    if not args.no_write:
+        check_free(paths)  # before the run, not after minutes of timing
     print(f"# {env['date']}  {env['machine']['gpu'] or env['machine']['cpu']}  threads={threads}  {config}", flush=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -79,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets:\n" + format_targets(evaluate_targets(rows)))
     print(f"\nwall time {config['wall_s']} s")
     if not args.no_write:
-        stem = args.name or f"{env['date'][:10]}_{machine_tag(env)}_{config['preset']}"
-        write_json(args.out / f"{stem}.json", env, config, rows)
-        plot(rows, args.out / f"{stem}.png", title=f"{stem}:")
-        print(f"wrote {args.out / stem}.json and .png")
+        write_json(paths[0], env, config, rows)
+        plot(rows, paths[1], title=f"{paths[0].stem}:")
+        print(f"wrote {paths[0]} and {paths[1].name}")
     return 0
 
 

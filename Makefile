@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml examples/crabplus/pyproject.toml
 	$(BIN)/pip install -q -e ".[triton,crabplus,dev]" -e examples/crabplus
 	# DeepSpeed builds against the torch above: without build isolation, or pip would fetch another (CUDA) torch.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation wheel deepspeed==0.19.8
+	# The mixlora package is a benchmark alternative; its own pins (old torch, peft) would clash, so no deps.
+	$(BIN)/pip install -q --no-deps mixlora==0.2.3
 	rm -rf $(OLDEST) && $(BIN)/pip install -q --no-deps --target $(OLDEST) $(OLDEST_PINS)
 	touch $@
 

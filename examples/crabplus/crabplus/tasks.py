@@ -78,6 +78,18 @@ class TaskSpec:
         return tuple(_MODALITY[folder or field] for field, folder in self.media)
 
     @property
+    def prompt_media(self) -> tuple[str, ...]:
+        """The media placeholders of the user turn in order, each ``"visual"`` or ``"audio"``.
+
+        Several inputs of one kind share one placeholder, placed where the last of them stands: the authors' loader
+        (``__getitem__`` of ``dataset/qwen2_5_omni/omni_dataset.py``) drops all but the last repeated placeholder of
+        a2v (videos) and v2a (audios). So a2v is ``("audio", "visual")``, v2a ``("visual", "audio")``.
+        """
+        kinds = ["audio" if m == "audio" else "visual" for m in self.modalities]
+        last = {kind: i for i, kind in enumerate(kinds)}
+        return tuple(sorted(last, key=last.__getitem__))
+
+    @property
     def uses_image(self) -> bool:
         return "image" in self.modalities
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch.utils.data
 from crabplus.data.avuie import AVUIEDataset, collate_samples, read_records
+from crabplus.data.media import read_audio
 from crabplus.data.scene import SOURCES
 from crabplus.data.synth import generate
+from crabplus.data.windows import task_audio
 from crabplus.interface import parse
 from crabplus.tasks import TASKS
 
-SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "ref_avs", "arig", "avqa", "mer24"]
+SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "s4", "ref_avs", "arig", "avqa", "mer24"]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +159,20 @@ def test_read_records_accepts_json_lines(tmp_path):
     records, problems = read_records(path)
     assert records == [(0, {"a": 1}), (2, {"a": 3})]
     assert [(p.index, p.line) for p in problems] == [(1, 2)]
+
+
+def test_loader_applies_the_authors_windows_and_timing(root):
+    # synth clips are 2 s: emotion audio is padded to the authors' 4 s; ks keeps 10 parts of int(32000 / 10) samples
+    meld = AVUIEDataset(root, ["meld"], frame_size=32)[0]
+    assert len(meld.audio) == 4 * 16000 and not meld.audio[2 * 16000 :].any()
+    ks = AVUIEDataset(root, ["ks"], frame_size=32)[0]
+    assert len(ks.audio) == 32000 and ks.meta["fps"] == 1.0
+    avqa = AVUIEDataset(root, ["avqa"], frame_size=32)[0]
+    assert len(avqa.audio) == 10 * 2 * int(32000 / 60)
+    assert "fps" not in AVUIEDataset(root, ["ms3"], frame_size=32)[0].meta  # images carry no timing
+    for split in ("train", "test"):  # s4 trains on the first fifth of the audio, and tests on the labelled frame's
+        for sample in AVUIEDataset(root, ["s4"], split=split, frame_size=32):
+            whole = read_audio(sample.meta["media"][1])
+            part = sample.meta["frame_index"]
+            assert split == "test" or part == 0
+            np.testing.assert_array_equal(sample.audio, task_audio(whole, "s4", part))

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<subset>/train.json|test.json``; video subsets keep media under ``video/`` and ``audio/``, image
 subsets (s4, ms3, ref_avs, arig) give paths relative to the subset folder. Each record becomes a ``Sample`` with the
-registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``.
+registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``: audio cut to the
+authors' per-task window (``crabplus.data.windows``), videos timed at the authors' 1 fps (``meta["fps"]``).
 
 Bad data never stops a pass and is never silent. At index build, a record with a missing field, a missing media file
 or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index, reason) and
@@ -27,8 +28,9 @@ import torch.utils.data
 from PIL import Image
 
 from crabplus.data.media import MediaError, read_audio, read_frames, read_image
+from crabplus.data.windows import task_audio
 from crabplus.interface import Prediction, format_target, parse
-from crabplus.sample import Sample
+from crabplus.sample import VIDEO_FPS, Sample
 from crabplus.tasks import SUBSETS, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -284,6 +286,12 @@ class AVUIEDataset(torch.utils.data.Dataset):
         """The sample at ``i``; raises ``MediaError`` naming the file that fails."""
         entry = self.entries[i]
         spec = get_task(entry.subset)
+        frame_index = None
+        if spec.audio_segments:
+            has_index = _has(entry.record, spec.frame_index_field)
+            frame_index = int(get_field(entry.record, spec.frame_index_field)) if has_index else 0
+            if spec.name == "s4" and self.split == "train":
+                frame_index = 0  # the authors' training loader always hears s4's first part
         frames, audio = [], []
         for modality, path in entry.media:
             if modality == "video":
@@ -291,14 +299,9 @@ class AVUIEDataset(torch.utils.data.Dataset):
             elif modality == "image":
                 frames.append(read_image(path, self.frame_size)[None])
             else:
-                audio.append(read_audio(path))
+                audio.append(task_audio(read_audio(path), spec.name, frame_index))
         # Two videos (a2v) or two audios (v2a) are concatenated in time, as the authors feed them.
         waveform = np.concatenate(audio) if audio else None
-        frame_index = None
-        if spec.audio_segments and waveform is not None:
-            has_index = _has(entry.record, spec.frame_index_field)
-            frame_index = int(get_field(entry.record, spec.frame_index_field)) if has_index else 0
-            waveform = _segment(waveform, spec.audio_segments, frame_index)
         meta = {
             "subset": entry.subset,
             "split": self.split,
@@ -310,6 +313,8 @@ class AVUIEDataset(torch.utils.data.Dataset):
             "frame_index": frame_index,
             "mask_path": mask_path(entry.subset, entry.media[0][1], entry.record),
         }
+        if any(modality == "video" for modality, _ in entry.media):
+            meta["fps"] = VIDEO_FPS  # the authors' processor times every clip at 1 fps, whatever its frame rate
         return Sample(entry.subset, entry.instruction, entry.target, np.concatenate(frames), waveform, meta)
 
 
@@ -333,14 +338,6 @@ def _mix(entries: list[_Entry], ratio: float, rng: np.random.Generator) -> list[
     whole, frac = int(ratio), ratio - int(ratio)
     extra = rng.choice(len(entries), size=round(frac * len(entries)), replace=False) if entries else []
     return entries * whole + [entries[j] for j in sorted(extra)]
-
-
-def _segment(audio: np.ndarray, parts: int, index: int) -> np.ndarray:
-    """Part ``index`` of ``parts`` equal parts, as the authors cut AVS audio per frame."""
-    if not 0 <= index < parts:
-        raise ValueError(f"frame index {index} outside the {parts} audio parts")
-    step = len(audio) // parts
-    return audio[index * step : (index + 1) * step]
 
 
 def mask_path(subset: str, image_path: str, record: Mapping[str, Any]) -> str | None:

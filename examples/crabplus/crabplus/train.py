@@ -90,7 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this; None: no clipping (the authors' Crab+ run, see configs/crabplus_7b.yaml)."""
+    """Clip the global gradient norm to this; None: no clipping (the authors' Crab+ run, configs/crabplus_7b.yaml)."""
     seed: int = 0
     bf16: bool = False
     """bfloat16 autocast (CUDA); trainable weights stay float32."""

@@ -148,7 +148,7 @@ def test_garbage_predictions_never_crash(subset):
         "a2v": P(choice=1),
         "ave": P(events=(("dog", 0, 3),)),
         "unav": P(events=(("dog", 0, 3),)),
-        "avvp": P(audio_events=(("dog", 0, 3),)),
+        "avvp": P(audio_events=(("dog", 0, 3),), visual_events=(("dog", 0, 3),)),  # (a quiet modality would score 1)
         "avcap": P(caption="a dog"),
         "s4": P(label="dog", box=(0, 0, 5, 5)),
         "ref_avs": P(exists=True, label="dog", box=(0, 0, 5, 5)),
@@ -159,3 +159,20 @@ def test_garbage_predictions_never_crash(subset):
     scores = [v for k, v in out.items() if k not in ("n", "parse_error_rate") and not math.isnan(v)]
     # Junk text is a (bad) caption, so it may share a word with the reference; anything else scores zero.
     assert scores and max(scores) <= (0.1 if subset == "avcap" else 1e-6)
+
+
+def test_avvp_video_without_active_class_scores_one():
+    # GeWu-Lab/Crab_Plus utils/avvp_eval_metrics.py, segment_level / event_level: a modality where no class is active
+    # in prediction and reference leaves F_a (F_v, F, F_av) empty -> "f = 1.0  # all true negatives".
+    quiet = P(visual_events=(("dog", 0, 10),))  # no audio event at all, in prediction and reference
+    loud_ref = P(audio_events=(("speech", 0, 5),))
+    loud_pred = P(audio_events=(("speech", 0, 10),))
+    out = score("avvp", [quiet, loud_pred], [quiet, loud_ref])
+    # video 1: audio 1.0 (no class), visual 1.0, av 1.0 (SO_a * SO_v = 0 = GT_av), pooled 1.0.
+    # video 2, segments: audio TP 5 FP 5 -> 10/15; visual 1.0 (no class); av 1.0 (no class); pooled as audio, 10/15.
+    assert out["avvp_segment_audio"] == pytest.approx((1 + 10 / 15) / 2)
+    assert out["avvp_segment_visual"] == 1.0 and out["avvp_segment_av"] == 1.0
+    assert out["avvp_segment_type"] == pytest.approx(((1 + 10 / 15) / 2 + 1 + 1) / 3)
+    assert out["avvp_segment_event"] == pytest.approx((1 + 10 / 15) / 2)
+    # video 2, events: predicted run 0-10 vs reference 0-5: sum(x1*x2) = 5 >= 0.5 * 10 -> TP, so F 1.0 everywhere.
+    assert out["avvp_event_audio"] == 1.0 and out["avvp_event_type"] == 1.0 and out["avvp_event_event"] == 1.0

@@ -10,9 +10,11 @@ What is implemented (each averaged over samples unless said otherwise):
   averaged over events, then samples.
 - AVVP (``avvp_segment``, ``avvp_event``), as the benchmark's evaluation but on parsed text: per video and class, binary
   audio / visual segment vectors (audio-visual = both); segment-level F1 = 2TP / (2TP + FP + FN) over segments,
-  event-level F1 over runs of segments with a prediction matching a reference run of IoU >= 0.5 (one to one).
-  F1 is averaged over the classes active in prediction or reference, then over videos. ``type`` = mean of audio, visual
-  and audio-visual; ``event`` pools audio and visual counts per class.
+  event-level F1 over runs of segments (a predicted run matching some reference run with IoU >= 0.5 is a TP, a
+  reference run matching none a FN). F1 is averaged over the classes active in prediction or reference, then over
+  videos; a video where no class is active in a modality scores 1.0 there, as the authors' ``avvp_eval_metrics.py``
+  (the LLP evaluation). ``type`` = mean of audio, visual and audio-visual; ``event`` pools audio and visual counts
+  per class.
 - ``bleu4``, ``cider``, ``rouge_l`` through pycocoevalcap (lower-cased, punctuation-stripped tokens, since the PTB
   tokenizer needs Java); METEOR only with ``meteor=True`` (needs Java, takes seconds).
 - ``box_iou``: IoU of ``[x1,y1,x2,y2]`` boxes (area ``(x2-x1)*(y2-y1)``) on samples whose reference has a box.
@@ -129,19 +131,19 @@ def _counts(pred: np.ndarray, gt: np.ndarray, level: str) -> tuple[int, int, int
     """(TP, FP, FN) of one class row at segment or event level."""
     if level == "segment":
         return int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+    # event_wise_metric: a predicted run counts TP if it matches any reference run (IoU >= 0.5), else FP; a reference
+    # run no prediction matches counts FN.
     pred_runs, gt_runs = _runs(pred), _runs(gt)
-    used, tp = set(), 0
-    for g in gt_runs:
-        match = next((k for k, q in enumerate(pred_runs) if k not in used and temporal_iou(g, q) >= 0.5), None)
-        if match is not None:
-            used.add(match)
-            tp += 1
-    return tp, len(pred_runs) - tp, len(gt_runs) - tp
+    tp = sum(any(temporal_iou(p, g) >= 0.5 for g in gt_runs) for p in pred_runs)
+    fn = sum(not any(temporal_iou(g, p) >= 0.5 for p in pred_runs) for g in gt_runs)
+    return tp, len(pred_runs) - tp, fn
 
 
 def _f1(counts: Sequence[tuple[int, int, int]]) -> float:
-    """Mean over classes with any activity of 2TP / (2TP + FP + FN); nan when no class is active."""
-    return _mean([2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan") for tp, fp, fn in counts])
+    """Mean over classes with any activity of 2TP / (2TP + FP + FN); 1.0 when no class is active ("all true
+    negatives", as ``segment_level`` / ``event_level`` of the authors' ``utils/avvp_eval_metrics.py``)."""
+    active = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if tp + fp + fn]
+    return float(np.mean(active)) if active else 1.0
 
 
 def avvp_scores(preds: Sequence[Prediction], refs: Sequence[Prediction], level: str) -> dict[str, float]:

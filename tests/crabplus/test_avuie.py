@@ -58,6 +58,12 @@ def test_two_inputs_are_concatenated_and_avs_audio_is_cut(root):
         assert sample.meta["mask_path"].endswith(".png")
     ref = AVUIEDataset(root, ["ref_avs"], frame_size=32)[0]
     assert len(ref.audio) == 32000 // 10 and "<des>" in ref.instruction
+    # Ref-AVS test records name their split (test_s / test_u / test_n): kept with the ids, into the predictions file
+    assert {s.meta["ids"]["split"] for s in AVUIEDataset(root, ["ref_avs"], split="test", frame_size=32)} <= {
+        "test_s",
+        "test_u",
+        "test_n",
+    }
 
 
 def test_mixing_ratios_are_deterministic(root):

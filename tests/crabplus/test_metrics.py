@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from crabplus import metrics
 from crabplus.interface import Prediction as P
-from crabplus.interface import format_target
 from crabplus.metrics import box_iou, mask_f, mask_j, s_metric, score, temporal_iou
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -89,14 +88,17 @@ def test_captions_go_through_pycocoevalcap():
 
 
 def test_box_iou():
-    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
+    # inclusive pixel indices (crabplus.tasks): [0,0,10,10] covers 11 x 11 pixels; overlap with [5,5,15,15] is 6 x 6
+    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(36 / (2 * 121 - 36))
     assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert box_iou((0, 0, 10, 10), None) == 0.0
-    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 1.0  # one pixel
+    assert box_iou((0, 0, 10, 10), (11, 0, 20, 10)) == 0.0  # adjacent, no shared pixel
+    assert box_iou((5, 0, 4, 10), (0, 0, 10, 10)) == 0.0  # inverted
     refs = [P(label="dog", box=(0, 0, 10, 10))] * 2
     preds = ["The object making the sound in the video is dog. [5,5,15,15]", "broken"]
     out = score("s4", preds, refs)
-    assert out["box_iou"] == pytest.approx(25 / 175 / 2)
+    assert out["box_iou"] == pytest.approx(36 / 206 / 2)
     assert out["label_accuracy"] == 0.5
     assert "mask_j" not in out  # mask metrics need masks
 
@@ -116,17 +118,46 @@ def test_mask_j_and_f_by_hand():
         mask_j(pred, np.zeros((2, 2)))
 
 
-def test_s_metric_and_ref_avs_mask_split():
-    half = np.zeros((4, 4), bool)
-    half[:2] = True
+def _masks(*rows: int) -> np.ndarray:
+    m = np.zeros((4, 4), bool)
+    m[: rows[0]] = True
+    return m
+
+
+def test_segmentation_reports_the_authors_mean_and_all_samples():
+    # seg/scripts/inference_3.py averages J and F over the answers that pass extract_coordinates and
+    # validate_coordinates only; unparsable, out-of-range and box-without-points answers are left out of the mean.
+    gt = _masks(2)
+    ref = P(label="dog", box=(0, 0, 3, 1))
+    texts = ["dog [0,0,3,1] [1,1]", "dog [0,0,3,1]", "dog [0,0,300,1] [1,1]", "nothing"]
+    preds = [gt, np.zeros((4, 4), bool), np.zeros((4, 4), bool), np.zeros((4, 4), bool)]
+    out = score("s4", texts, [ref] * 4, pred_masks=preds, gt_masks=[gt] * 4)
+    assert out["mask_j"] == 1.0 and out["mask_f"] == 1.0  # the authors' protocol: the one valid answer
+    assert out["mask_excluded"] == 3.0
+    assert out["mask_j_all"] == 0.25 and out["mask_f_all"] == 0.25  # every sample, excluded ones as empty masks
+
+
+def test_s_metric_and_ref_avs_scores_per_split():
+    half = _masks(2)
     assert s_metric(half) == 1.0
     assert s_metric(np.zeros((4, 4), bool)) == 0.0
     assert math.isinf(s_metric(np.ones((2, 2), bool)))
-    refs = [P(exists=True, label="dog", box=(0, 0, 2, 2)), P(exists=False)]
-    gt = [half, np.zeros((4, 4), bool)]
-    out = score("ref_avs", [format_target("ref_avs", r) for r in refs], refs, pred_masks=[half, half], gt_masks=gt)
-    assert out["mask_j"] == 1.0 and out["mask_f"] == 1.0  # the existing object only
-    assert out["s_metric"] == 1.0  # the null sample only
+    # inference_ref_3.py --split test_s / test_u: J and F; --split test_n: S, infinite S dropped from the mean.
+    dog = P(exists=True, label="dog", box=(0, 0, 3, 1))
+    refs = [dog, dog, dog, P(exists=False), P(exists=False), P(exists=False)]
+    splits = ["test_s", "test_u", "test_u", "test_n", "test_n", "test_n"]
+    texts = ["<answer>true</answer> [0,0,3,1]", "<answer>true</answer> [0,0,3,1]", "<answer>false</answer>",
+             "<answer>false</answer>", "<answer>true</answer> [0,0,3,3] [1,1]", "no answer"]  # fmt: skip
+    full, empty = np.ones((4, 4), bool), np.zeros((4, 4), bool)
+    pred = [half, _masks(1), empty, empty, full, empty]
+    gt = [half, half, half, empty, empty, empty]
+    out = score("ref_avs", texts, refs, pred_masks=pred, gt_masks=gt, splits=splits)
+    assert out["mask_j_test_s"] == 1.0 and out["mask_f_test_s"] == 1.0
+    assert out["mask_j_test_u"] == pytest.approx((0.5 + 0.0) / 2)  # the "false" answer is scored: an empty mask
+    assert out["mask_excluded_test_u"] == 0.0
+    assert out["s_metric_test_n"] == 0.0 and out["s_metric_test_n_infinite"] == 1.0  # full mask: S inf, dropped
+    assert out["mask_excluded_test_n"] == 1.0 and out["s_metric_test_n_all"] == 0.0
+    assert not {"mask_j", "s_metric", "mask_j_test_n", "s_metric_test_s"} & set(out)
     with pytest.raises(ValueError, match="masks"):
         score("s4", ["[1,2,3,4]"], [P(label="a", box=(1, 2, 3, 4))], pred_masks=[], gt_masks=[])
 

@@ -307,7 +307,7 @@ class AVUIEDataset(torch.utils.data.Dataset):
             "split": self.split,
             "file": entry.file,
             "index": entry.index,
-            "ids": {k: entry.record[k] for k in spec.id_fields if k in entry.record},
+            "ids": {k: entry.record[k] for k in (*spec.id_fields, spec.split_field) if k in entry.record},
             "media": [path for _, path in entry.media],
             "reference": entry.reference,
             "frame_index": frame_index,

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch.utils.data
+from crabplus import metrics
 from crabplus.data.avuie import AVUIEDataset, collate_samples, read_records
 from crabplus.data.media import read_audio
 from crabplus.data.scene import SOURCES
@@ -15,7 +16,7 @@ from crabplus.data.windows import task_audio
 from crabplus.interface import parse
 from crabplus.tasks import TASKS
 
-SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "s4", "ref_avs", "arig", "avqa", "mer24"]
+SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "s4", "ref_avs", "arig", "avqa", "mer24", "avvp"]
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,42 @@ def test_loader_applies_the_authors_windows_and_timing(root):
             part = sample.meta["frame_index"]
             assert split == "test" or part == 0
             np.testing.assert_array_equal(sample.audio, task_audio(whole, "s4", part))
+
+
+def _llp_layout(tmp_path, root):
+    """The AVVP test split as the authors ship it (filename, vid, event; no label_content) and LLP files whose rows
+    (tab-separated filename, event_labels, onset, offset) hold each record's events."""
+    out = tmp_path / "avuie"
+    shutil.copytree(root / "avvp", out / "avvp")
+    records = json.loads((out / "avvp" / "test.json").read_text())
+    refs = {r["filename"]: parse("avvp", r.pop("label_content")) for r in records}
+    (out / "avvp" / "test.json").write_text(json.dumps(records))
+    rows = {"audio": [], "visual": []}
+    for name, ref in refs.items():
+        for modality, events in (("audio", ref.audio_events), ("visual", ref.visual_events)):
+            rows[modality] += [f"{name}\t{label.replace(' ', '_')}\t{int(s)}\t{int(e)}" for label, s, e in events]
+    labels = tmp_path / "llp"
+    labels.mkdir()
+    for modality, name in (("audio", "AVVP_eval_audio.csv"), ("visual", "AVVP_eval_visual.csv")):
+        (labels / name).write_text("\n".join(["filename\tevent_labels\tonset\toffset", *rows[modality]]) + "\n")
+    return out, labels, refs
+
+
+def test_avvp_test_references_come_from_the_llp_files(tmp_path, root):
+    out, labels, refs = _llp_layout(tmp_path, root)
+    missing = AVUIEDataset(out, ["avvp"], split="test", frame_size=32)
+    assert len(missing) == 0 and len(missing.report.problems) == len(refs)
+    assert all("AVVP_eval_audio.csv" in p.reason and "--avvp-labels" in p.reason for p in missing.report.problems)
+    given = AVUIEDataset(out, ["avvp"], split="test", frame_size=32, avvp_labels=labels)
+    assert len(given) == len(refs) and given.report.skipped == 0
+    for sample in given:
+        want = refs[sample.meta["ids"]["filename"]]
+        assert metrics.score("avvp", [want], [sample.meta["reference"]])["avvp_segment_type"] == 1.0
+    for name in ("AVVP_eval_audio.csv", "AVVP_eval_visual.csv"):  # the documented layout: beside test.json
+        shutil.copy(labels / name, out / "avvp" / name)
+    assert len(AVUIEDataset(out, ["avvp"], split="test", frame_size=32)) == len(refs)
+    first = next(iter(refs))
+    (out / "avvp" / "AVVP_eval_audio.csv").write_text("filename\tevent_labels\tonset\toffset\n")
+    (out / "avvp" / "AVVP_eval_visual.csv").write_text(f"{first}\tDog\t0\t4\n")  # no header
+    with pytest.raises(ValueError, match="header"):
+        AVUIEDataset(out, ["avvp"], split="test", frame_size=32)

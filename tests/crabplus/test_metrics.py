@@ -207,3 +207,9 @@ def test_avvp_video_without_active_class_scores_one():
     assert out["avvp_segment_event"] == pytest.approx((1 + 10 / 15) / 2)
     # video 2, events: predicted run 0-10 vs reference 0-5: sum(x1*x2) = 5 >= 0.5 * 10 -> TP, so F 1.0 everywhere.
     assert out["avvp_event_audio"] == 1.0 and out["avvp_event_type"] == 1.0 and out["avvp_event_event"] == 1.0
+
+
+def test_avvp_llp_class_spelling_matches_either_way():
+    # LLP's evaluation files write Violin_fiddle; an answer may write Violin fiddle.
+    ref = P(audio_events=(("Violin_fiddle", 0, 10),))
+    assert score("avvp", [P(audio_events=(("violin fiddle", 0, 10),))], [ref])["avvp_segment_audio"] == 1.0

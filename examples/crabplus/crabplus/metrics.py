@@ -115,12 +115,17 @@ def mean_tiou(preds: Sequence[Prediction], refs: Sequence[Prediction]) -> float:
 # ---------------------------------------------------------------------------------------------------------- AVVP
 
 
+def _avvp_class(label: str) -> str:
+    """LLP class names spell spaces as underscores (``Violin_fiddle``); either spelling names the same class."""
+    return normalize(label.replace("_", " "))
+
+
 def _rows(events: Sequence[Event], classes: list[str]) -> np.ndarray:
     rows = np.zeros((len(classes), NUM_SEGMENTS), bool)
     for label, start, end in events:
         for i in range(NUM_SEGMENTS):
             if start <= i + 0.5 < end:
-                rows[classes.index(normalize(label)), i] = True
+                rows[classes.index(_avvp_class(label)), i] = True
     return rows
 
 
@@ -153,7 +158,7 @@ def avvp_scores(preds: Sequence[Prediction], refs: Sequence[Prediction], level: 
     per_video: dict[str, list[float]] = {"audio": [], "visual": [], "av": [], "event": []}
     for p, r in zip(preds, refs):
         p_audio, p_visual = (p.audio_events, p.visual_events) if p.ok else ((), ())
-        classes = sorted({normalize(e[0]) for e in (*p_audio, *p_visual, *r.audio_events, *r.visual_events)})
+        classes = sorted({_avvp_class(e[0]) for e in (*p_audio, *p_visual, *r.audio_events, *r.visual_events)})
         pa, pv, ga, gv = (_rows(x, classes) for x in (p_audio, p_visual, r.audio_events, r.visual_events))
         audio = [_counts(pa[c], ga[c], level) for c in range(len(classes))]
         visual = [_counts(pv[c], gv[c], level) for c in range(len(classes))]

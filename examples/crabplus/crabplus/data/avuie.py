@@ -9,6 +9,8 @@ Bad data never stops a pass and is never silent. At index build, a record with a
 or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index, reason) and
 left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem and return
 ``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the end.
+AVVP test records, which hold no events, take their references from the LLP evaluation files
+(``crabplus.data.llp``; ``avvp_labels`` or ``<root>/avvp/``); without them each is reported with what is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from crabplus.data.llp import find_llp_dir, read_llp_labels
 from crabplus.data.media import MediaError, read_audio, read_frames, read_image
 from crabplus.data.windows import task_audio
 from crabplus.interface import Prediction, format_target, parse
@@ -187,12 +190,15 @@ class AVUIEDataset(torch.utils.data.Dataset):
         seed: int = 0,
         frame_size: int | None = 224,
         check_media: str = "open",
+        avvp_labels: str | Path | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if check_media not in CHECK_MEDIA:
             raise ValueError(f"check_media must be one of {CHECK_MEDIA}, got {check_media!r}")
         self.root, self.split, self.frame_size, self.check_media = Path(root), split, frame_size, check_media
+        self.avvp_labels = avvp_labels
+        self._llp: dict[str, Prediction] | None = None
         if not self.root.is_dir():
             raise FileNotFoundError(f"AV-UIE root {self.root} is not a directory")
         ratios = dict(subsets) if isinstance(subsets, Mapping) else dict.fromkeys(subsets or SUBSETS, 1.0)
@@ -234,6 +240,8 @@ class AVUIEDataset(torch.utils.data.Dataset):
             raise _Skip(f"missing field(s) {', '.join(map(repr, missing))}")
         target = record.get(spec.target_field)
         fields_ref = reference_from_fields(spec, record)
+        if target is None and self.split == "test" and spec.name == "avvp":
+            fields_ref = self._llp_reference(record)
         if target is None and self.split == "test" and fields_ref is not None:
             target = format_target(spec.name, fields_ref) if _formattable(spec, fields_ref) else ""
         if target is None:
@@ -259,6 +267,19 @@ class AVUIEDataset(torch.utils.data.Dataset):
         except (KeyError, ValueError, IndexError) as exc:
             raise _Skip(f"cannot build the instruction ({exc})") from exc
         return _Entry(spec.name, str(path), index, record, instruction, target, tuple(media), reference)
+
+    def _llp_reference(self, record: Mapping[str, Any]) -> Prediction:
+        """An AVVP test record's events from the LLP evaluation files (``crabplus.data.llp``); a malformed file is an
+        error, a missing one (or filename) leaves the record out with the reason."""
+        if self._llp is None:
+            where, missing = find_llp_dir(self.root, self.avvp_labels)
+            if where is None:
+                raise _Skip(missing)
+            self._llp = read_llp_labels(where)
+        name = record.get("filename")
+        if name not in self._llp:
+            raise _Skip(f"filename {name!r} is in neither LLP evaluation file (AVVP_eval_audio/visual.csv)")
+        return self._llp[name]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -135,7 +135,7 @@ def test_modular_processor(tiny_modular, samples):
     item = proc(samples[0])
     assert item["pixel_values"].shape == (4, 3, c.image_size, c.image_size)
     assert item["input_features"].shape == (1, c.num_mel_bins, c.audio_frames)
-    assert int((item["input_ids"] == c.video_token_id).sum()) == c.num_queries
+    assert int((item["input_ids"] == c.video_token_id).sum()) == 4 * c.num_queries  # per frame, as Crab
     assert int((item["input_ids"] == c.audio_token_id).sum()) == c.num_queries
     frame = samples[0].frames[0]
     want = (frame.astype(np.float32) / 255 - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)

@@ -18,7 +18,7 @@ counts are checked. Videos are timed at ``Sample.meta["fps"]`` frames per second
   mean/std and patched as the Qwen2-VL processor does (temporal patch 2, patch 14, merge 2), without torchvision;
   audio through ``WhisperFeatureExtractor`` (128 mel bins).
 - ``ModularProcessor`` (the Crab paradigm): frames -> CLIP/SigLIP ``pixel_values``, audio -> Whisper features over the
-  encoder's fixed window; each medium takes ``num_queries`` placeholders (the Q-Former's outputs).
+  encoder's fixed window; each frame and each audio takes ``num_queries`` placeholders (the Q-Former's outputs).
 
 ``processor(sample)`` returns a dict of tensors for one sample; ``processor.collate(items, padding_side=...)`` pads
 them into a batch (``"left"`` for batched generation).
@@ -317,8 +317,9 @@ class ModularProcessor(ChatProcessor):
             tensors["pixel_values"] = torch.from_numpy(resize_normalize(frames, size, c.image_mean, c.image_std))
             tensors["frames_per_visual"] = torch.tensor([frames.shape[0]])
             token = c.image_token_id if frames.shape[0] == 1 else c.video_token_id
-            ids["visual"] = [self.ids["vision_bos"], *[token] * c.num_queries, self.ids["vision_eos"]]
-            expected[token] = c.num_queries
+            n = frames.shape[0] * c.num_queries  # one Q-Former pass per frame, as Crab
+            ids["visual"] = [self.ids["vision_bos"], *[token] * n, self.ids["vision_eos"]]
+            expected[token] = n
         if sample.audio is not None:
             # Whisper sees a fixed window (30 s for the real model): longer audio is truncated, shorter padded.
             feats = self.feature_extractor(

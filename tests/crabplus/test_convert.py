@@ -65,7 +65,8 @@ def test_the_key_names_the_authors_save_are_placed(peft_omni):
 def test_converted_layer_equals_the_authors_formula(peft_omni, tmp_path, prefix):
     sd = _authors_state(peft_omni, prefix=prefix)
     torch.save(sd, tmp_path / "lora_weights.bin")
-    assert load_authors_checkpoint(peft_omni, str(tmp_path / "lora_weights.bin")) == 3 * len(sd) // (N + 2)
+    report = load_authors_checkpoint(peft_omni, str(tmp_path / "lora_weights.bin"))
+    assert report.lora_tensors == 3 * len(sd) // (N + 2) and not report.left_out and not report.projector_tensors
     for path in ("model.language_model.layers.1.mlp.down_proj", "model.audio_tower.layers.0.self_attn.v_proj"):
         layer = _ilora_modules(peft_omni, "default")[path]
         key = prefix + _authors_name(path)
@@ -113,3 +114,56 @@ def test_shape_mismatch_names_key_and_shapes(peft_omni, tmp_path):
     torch.save(sd, tmp_path / "w.bin")
     with pytest.raises(ValueError, match=r"q_proj\.lora_A.*\(1, 64, 5\).*\(1, 64, 4\)"):
         load_authors_checkpoint(peft_omni, str(tmp_path / "w.bin"))
+
+
+def _crab_name(ours: str) -> str:
+    """Crab's key for a modular-projector parameter (GeWu-Lab/Crab models/multimodal_encoder.py VLProjector /
+    ALProjector, its LAVIS BERT Q-Former models/Qformer.py; saved as base_model.model.model.<module>...)."""
+    module, _, name = ours.partition(".")
+    part, medium = {"vision_projector": ("vl", "visual"), "audio_projector": ("al", "audio")}[module]
+    for new, old in (("feature_norm.", f"{medium}_ln."), ("to_lm.", f"{medium}_proj."),
+                     ("query_tokens", f"{medium}_query_tokens"),
+                     ("qformer.layernorm.", f"{medium}_Qformer.bert.embeddings.LayerNorm."),
+                     ("qformer.encoder.", f"{medium}_Qformer.bert.encoder.")):  # fmt: skip
+        if name.startswith(new):
+            name = old + name.removeprefix(new)
+    name = name.replace("attention.attention.", "attention.self.")
+    return f"base_model.model.model.{part}_projector.{name}"
+
+
+def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
+    model, _ = build_model(ModelConfig(paradigm="modular", r=R, lora_alpha=ALPHA, lora_dropout=0.0))
+    base = model.base_model.model
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for path, layer in _ilora_modules(model, "default").items():  # Crab's LLaMA LoRA: base_model.model.model.layers
+        key = "base_model.model." + path.removeprefix("language_model.")
+        sd[f"{key}.lora_A.weight"] = torch.randn(R, layer.in_features, generator=g)
+        sd.update({f"{key}.lora_B{i}.weight": torch.randn(layer.out_features, R, generator=g) for i in range(N)})
+        sd[f"{key}.lora_route.weight"] = torch.randn(N, layer.in_features, generator=g)
+    projector = {}
+    for module in ("vision_projector", "audio_projector"):
+        for name, p in getattr(base, module).original_module.named_parameters():
+            projector[f"{module}.{name}"] = torch.randn(p.shape, generator=g)
+    sd.update({_crab_name(k): v for k, v in projector.items()})
+    qf = "base_model.model.model.vl_projector.visual_Qformer"
+    unused = {f"{qf}.bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(3),
+              f"{qf}.bert.embeddings.word_embeddings.weight": torch.zeros(3),
+              f"{qf}.cls.predictions.bias": torch.zeros(3),
+              "base_model.model.model.seg_module.mask_decoder.iou_token.weight": torch.zeros(3)}  # fmt: skip
+    beats_ln = "base_model.model.model.al_projector.audio_ln.weight"
+    sd.update(unused)
+    sd[beats_ln] = torch.zeros(768)  # BEATs' width; our audio encoder is Whisper
+    torch.save(sd, tmp_path / "finetune_weights.bin")
+    report = load_authors_checkpoint(model, str(tmp_path / "finetune_weights.bin"))
+    assert set(report.left_out) == {*unused, beats_ln} and "shape (768,)" in report.left_out[beats_ln]
+    assert "mask decoder" in report.left_out["base_model.model.model.seg_module.mask_decoder.iou_token.weight"]
+    assert len(report.projector_tensors) == len(projector) - 1
+    for ours, want in projector.items():
+        if _crab_name(ours) == beats_ln:
+            continue
+        module, _, name = ours.partition(".")
+        wrapper = getattr(base, module)
+        for copy in (wrapper.original_module, wrapper.modules_to_save["default"]):
+            assert torch.equal(dict(copy.named_parameters())[name], want), ours
+    assert report.lora_tensors == 3 * len(_ilora_modules(model, "default"))

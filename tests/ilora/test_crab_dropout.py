@@ -48,17 +48,18 @@ def _layer(config: ilora.ILoraConfig):
 
 
 def _authors_loop(layer, x: torch.Tensor, head_masks: list[torch.Tensor]) -> torch.Tensor:
-    A, B = layer.ilora_A["default"][0], layer.ilora_B["default"]
+    A, B = layer.ilora_A["default"], layer.ilora_B["default"]
     w = torch.softmax(layer.ilora_router["default"](x), dim=-1, dtype=torch.float32)
     result = layer.base_layer(x)
     for i, mask in enumerate(head_masks):
-        h = (x * mask / (1 - P)) @ A
+        h = (x * mask / (1 - P)) @ A[i % A.shape[0]]  # one shared A (Crab), or one per expert
         result = result + w[:, i : i + 1] * (h @ B[i]) * layer.scaling["default"]
     return result
 
 
-def test_crab_preset_draws_a_mask_per_expert_and_matches_the_authors_loop():
-    config = ilora.ILoraConfig.crab(target_modules=["0"], r=4, lora_dropout=P, use_kernels="torch")
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_crab_preset_draws_a_mask_per_expert_and_matches_the_authors_loop(shared_a):
+    config = ilora.ILoraConfig.crab(target_modules=["0"], r=4, lora_dropout=P, use_kernels="torch", shared_a=shared_a)
     assert config.dropout_per_expert
     model, layer = _layer(config)
     x = torch.randn(T, D_IN, requires_grad=True)

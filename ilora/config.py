@@ -28,6 +28,13 @@ class ILoraConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "Rank of every expert."})
     lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: scaling = lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    dropout_per_expert: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw a separate dropout mask for each expert, as Crab's layer (the shrink then runs once per "
+            "expert while training); False: one mask shared by all experts, as Crab+."
+        },
+    )
     use_rslora: bool = field(default=False, metadata={"help": "Use scaling = lora_alpha / sqrt(r)."})
     num_experts: int = field(default=3, metadata={"help": "Number of LoRA experts (the authors' 'heads')."})
     shared_a: bool = field(
@@ -102,6 +109,8 @@ class ILoraConfig(PeftConfig):
             raise bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.dropout_per_expert, bool):
+            raise bad("dropout_per_expert", f"must be True or False, got {self.dropout_per_expert!r}")
         if self.router not in ("token", "sequence", "task"):
             raise bad("router", f"must be 'token', 'sequence' or 'task', got {self.router!r}")
         if self.routing not in ("soft", "topk"):
@@ -137,9 +146,10 @@ class ILoraConfig(PeftConfig):
 
     @classmethod
     def crab(cls, **overrides: Any) -> ILoraConfig:
-        """The Crab setting (LLaMA-2-7B-chat): 3 experts, shared A, r 8, alpha 16, dropout 0.05, soft per-token."""
+        """The Crab setting (LLaMA-2-7B-chat): 3 experts, shared A, r 8, alpha 16, dropout 0.05 with a mask per expert
+        (its layer calls dropout inside the loop over heads), soft per-token."""
         settings: dict[str, Any] = dict(
-            r=8, lora_alpha=16, lora_dropout=0.05, num_experts=3, shared_a=True, router="token", routing="soft",
-            target_modules=list(CRAB_TARGETS),
+            r=8, lora_alpha=16, lora_dropout=0.05, dropout_per_expert=True, num_experts=3, shared_a=True,
+            router="token", routing="soft", target_modules=list(CRAB_TARGETS),
         )  # fmt: skip
         return cls(**{**settings, **overrides})

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_expert_shapes", "per_row_routed_lora", "soft_routed_lora", "topk_routed_lora"]
+__all__ = [
+    "check_expert_shapes",
+    "per_expert_input_routed_lora",
+    "per_row_routed_lora",
+    "soft_routed_lora",
+    "topk_routed_lora",
+]
 
 
 def check_expert_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int, int, int]:
@@ -70,6 +76,24 @@ def soft_routed_lora(
         raise ValueError(f"base_out must be [T={x.shape[0]}, {d_out}] of {hg.dtype}, got {tuple(base_out.shape)} "
                          f"of {base_out.dtype}")  # fmt: skip
     return torch.addmm(base_out, hg, B.reshape(E * r, d_out))
+
+
+def per_expert_input_routed_lora(
+    xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Dense routing where expert ``e`` reads its own input ``xs[:, e]`` (``xs [T, E, d_in]``; Crab's dropout mask per
+    expert): ``delta [T, d_out] = scaling * sum_e g_e (xs_e A_e) B_e``. One batched shrink, one expand matmul."""
+    if xs.dim() != 3:
+        raise ValueError(f"xs must be 3-D [tokens, experts, d_in], got shape {tuple(xs.shape)}")
+    E, r, _, d_out = check_expert_shapes(xs[:, 0], A, B)
+    T = xs.shape[0]
+    if xs.shape[1] != E or gates.shape != (T, E):
+        raise ValueError(
+            f"xs must be [T, E={E}, d_in] and gates [T, E], got {tuple(xs.shape)} and {tuple(gates.shape)}"
+        )
+    h = torch.einsum("ted,edr->ter", xs, A.expand(E, -1, -1))
+    hg = (h * (gates.to(h.dtype) * scaling).unsqueeze(-1)).reshape(T, E * r)
+    return hg @ B.reshape(E * r, d_out)
 
 
 def topk_routed_lora(

@@ -217,6 +217,8 @@ class Linear(nn.Module, ILoraLayer):
         else:
             self._aux.pop(name, None)
 
+        if config.dropout_per_expert and config.lora_dropout and self.training:
+            return result + self._per_expert_dropout_delta(name, x, gates).to(result.dtype).view_as(result)
         x2 = self.ilora_dropout[name](x).reshape(-1, self.in_features).to(A.dtype)
         base2 = result.reshape(-1, self.out_features)
         scaling = self.scaling[name]
@@ -246,6 +248,14 @@ class Linear(nn.Module, ILoraLayer):
         else:
             delta = F.topk_routed_lora(x2, A, B, gates.weights.to(A.dtype), gates.indices, scaling)
         return result + delta.to(result.dtype).view_as(result)
+
+    def _per_expert_dropout_delta(self, name: str, x: torch.Tensor, gates: Any) -> torch.Tensor:
+        """Crab's layer while training: every expert reads ``x`` through its own dropout mask (its loop calls
+        ``lora_B{i}(lora_A(lora_dropout(x)))`` per head), so the shrink runs once per expert. ``[T, d_out]``."""
+        config, A, B = self.ilora_config[name], self.ilora_A[name], self.ilora_B[name]
+        xs = x.reshape(-1, 1, self.in_features).to(A.dtype).expand(-1, config.num_experts, -1).contiguous()
+        dense = gates.to_dense(config.num_experts).to(A.dtype)
+        return F.per_expert_input_routed_lora(self.ilora_dropout[name](xs), A, B, dense, self.scaling[name])
 
     @staticmethod
     def _use_triton(config: ILoraConfig, x: torch.Tensor) -> bool:

@@ -7,13 +7,16 @@ import shutil
 import numpy as np
 import pytest
 import torch.utils.data
+from crabplus import metrics
 from crabplus.data.avuie import AVUIEDataset, collate_samples, read_records
+from crabplus.data.media import read_audio
 from crabplus.data.scene import SOURCES
 from crabplus.data.synth import generate
+from crabplus.data.windows import task_audio
 from crabplus.interface import parse
 from crabplus.tasks import TASKS
 
-SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "ref_avs", "arig", "avqa", "mer24"]
+SUBSETS = ["ks", "a2v", "v2a", "meld", "ave", "ms3", "s4", "ref_avs", "arig", "avqa", "mer24", "avvp"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,12 @@ def test_two_inputs_are_concatenated_and_avs_audio_is_cut(root):
         assert sample.meta["mask_path"].endswith(".png")
     ref = AVUIEDataset(root, ["ref_avs"], frame_size=32)[0]
     assert len(ref.audio) == 32000 // 10 and "<des>" in ref.instruction
+    # Ref-AVS test records name their split (test_s / test_u / test_n): kept with the ids, into the predictions file
+    assert {s.meta["ids"]["split"] for s in AVUIEDataset(root, ["ref_avs"], split="test", frame_size=32)} <= {
+        "test_s",
+        "test_u",
+        "test_n",
+    }
 
 
 def test_mixing_ratios_are_deterministic(root):
@@ -157,3 +166,59 @@ def test_read_records_accepts_json_lines(tmp_path):
     records, problems = read_records(path)
     assert records == [(0, {"a": 1}), (2, {"a": 3})]
     assert [(p.index, p.line) for p in problems] == [(1, 2)]
+
+
+def test_loader_applies_the_authors_windows_and_timing(root):
+    # synth clips are 2 s: emotion audio is padded to the authors' 4 s; ks keeps 10 parts of int(32000 / 10) samples
+    meld = AVUIEDataset(root, ["meld"], frame_size=32)[0]
+    assert len(meld.audio) == 4 * 16000 and not meld.audio[2 * 16000 :].any()
+    ks = AVUIEDataset(root, ["ks"], frame_size=32)[0]
+    assert len(ks.audio) == 32000 and ks.meta["fps"] == 1.0
+    avqa = AVUIEDataset(root, ["avqa"], frame_size=32)[0]
+    assert len(avqa.audio) == 10 * 2 * int(32000 / 60)
+    assert "fps" not in AVUIEDataset(root, ["ms3"], frame_size=32)[0].meta  # images carry no timing
+    for split in ("train", "test"):  # s4 trains on the first fifth of the audio, and tests on the labelled frame's
+        for sample in AVUIEDataset(root, ["s4"], split=split, frame_size=32):
+            whole = read_audio(sample.meta["media"][1])
+            part = sample.meta["frame_index"]
+            assert split == "test" or part == 0
+            np.testing.assert_array_equal(sample.audio, task_audio(whole, "s4", part))
+
+
+def _llp_layout(tmp_path, root):
+    """The AVVP test split as the authors ship it (filename, vid, event; no label_content) and LLP files whose rows
+    (tab-separated filename, event_labels, onset, offset) hold each record's events."""
+    out = tmp_path / "avuie"
+    shutil.copytree(root / "avvp", out / "avvp")
+    records = json.loads((out / "avvp" / "test.json").read_text())
+    refs = {r["filename"]: parse("avvp", r.pop("label_content")) for r in records}
+    (out / "avvp" / "test.json").write_text(json.dumps(records))
+    rows = {"audio": [], "visual": []}
+    for name, ref in refs.items():
+        for modality, events in (("audio", ref.audio_events), ("visual", ref.visual_events)):
+            rows[modality] += [f"{name}\t{label.replace(' ', '_')}\t{int(s)}\t{int(e)}" for label, s, e in events]
+    labels = tmp_path / "llp"
+    labels.mkdir()
+    for modality, name in (("audio", "AVVP_eval_audio.csv"), ("visual", "AVVP_eval_visual.csv")):
+        (labels / name).write_text("\n".join(["filename\tevent_labels\tonset\toffset", *rows[modality]]) + "\n")
+    return out, labels, refs
+
+
+def test_avvp_test_references_come_from_the_llp_files(tmp_path, root):
+    out, labels, refs = _llp_layout(tmp_path, root)
+    missing = AVUIEDataset(out, ["avvp"], split="test", frame_size=32)
+    assert len(missing) == 0 and len(missing.report.problems) == len(refs)
+    assert all("AVVP_eval_audio.csv" in p.reason and "--avvp-labels" in p.reason for p in missing.report.problems)
+    given = AVUIEDataset(out, ["avvp"], split="test", frame_size=32, avvp_labels=labels)
+    assert len(given) == len(refs) and given.report.skipped == 0
+    for sample in given:
+        want = refs[sample.meta["ids"]["filename"]]
+        assert metrics.score("avvp", [want], [sample.meta["reference"]])["avvp_segment_type"] == 1.0
+    for name in ("AVVP_eval_audio.csv", "AVVP_eval_visual.csv"):  # the documented layout: beside test.json
+        shutil.copy(labels / name, out / "avvp" / name)
+    assert len(AVUIEDataset(out, ["avvp"], split="test", frame_size=32)) == len(refs)
+    first = next(iter(refs))
+    (out / "avvp" / "AVVP_eval_audio.csv").write_text("filename\tevent_labels\tonset\toffset\n")
+    (out / "avvp" / "AVVP_eval_visual.csv").write_text(f"{first}\tDog\t0\t4\n")  # no header
+    with pytest.raises(ValueError, match="header"):
+        AVUIEDataset(out, ["avvp"], split="test", frame_size=32)

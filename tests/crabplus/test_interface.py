@@ -142,7 +142,6 @@ def test_spacing_and_case_tolerated():
         ("ref_avs", "<answer>true</answer> somewhere", "answered true but"),
         ("ref_avs", "it is there", "no <answer>true"),
         ("avcap", "   ", "empty caption"),
-        ("s4", "[1" + "9" * 400 + ",2,3,4]", "unreadable"),
     ],
 )
 def test_errors_say_why(subset, text, reason):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from crabplus import metrics
 from crabplus.interface import Prediction as P
-from crabplus.interface import format_target
 from crabplus.metrics import box_iou, mask_f, mask_j, s_metric, score, temporal_iou
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -89,14 +88,17 @@ def test_captions_go_through_pycocoevalcap():
 
 
 def test_box_iou():
-    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
+    # inclusive pixel indices (crabplus.tasks): [0,0,10,10] covers 11 x 11 pixels; overlap with [5,5,15,15] is 6 x 6
+    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(36 / (2 * 121 - 36))
     assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert box_iou((0, 0, 10, 10), None) == 0.0
-    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 1.0  # one pixel
+    assert box_iou((0, 0, 10, 10), (11, 0, 20, 10)) == 0.0  # adjacent, no shared pixel
+    assert box_iou((5, 0, 4, 10), (0, 0, 10, 10)) == 0.0  # inverted
     refs = [P(label="dog", box=(0, 0, 10, 10))] * 2
     preds = ["The object making the sound in the video is dog. [5,5,15,15]", "broken"]
     out = score("s4", preds, refs)
-    assert out["box_iou"] == pytest.approx(25 / 175 / 2)
+    assert out["box_iou"] == pytest.approx(36 / 206 / 2)
     assert out["label_accuracy"] == 0.5
     assert "mask_j" not in out  # mask metrics need masks
 
@@ -116,17 +118,46 @@ def test_mask_j_and_f_by_hand():
         mask_j(pred, np.zeros((2, 2)))
 
 
-def test_s_metric_and_ref_avs_mask_split():
-    half = np.zeros((4, 4), bool)
-    half[:2] = True
+def _masks(*rows: int) -> np.ndarray:
+    m = np.zeros((4, 4), bool)
+    m[: rows[0]] = True
+    return m
+
+
+def test_segmentation_reports_the_authors_mean_and_all_samples():
+    # seg/scripts/inference_3.py averages J and F over the answers that pass extract_coordinates and
+    # validate_coordinates only; unparsable, out-of-range and box-without-points answers are left out of the mean.
+    gt = _masks(2)
+    ref = P(label="dog", box=(0, 0, 3, 1))
+    texts = ["dog [0,0,3,1] [1,1]", "dog [0,0,3,1]", "dog [0,0,300,1] [1,1]", "nothing"]
+    preds = [gt, np.zeros((4, 4), bool), np.zeros((4, 4), bool), np.zeros((4, 4), bool)]
+    out = score("s4", texts, [ref] * 4, pred_masks=preds, gt_masks=[gt] * 4)
+    assert out["mask_j"] == 1.0 and out["mask_f"] == 1.0  # the authors' protocol: the one valid answer
+    assert out["mask_excluded"] == 3.0
+    assert out["mask_j_all"] == 0.25 and out["mask_f_all"] == 0.25  # every sample, excluded ones as empty masks
+
+
+def test_s_metric_and_ref_avs_scores_per_split():
+    half = _masks(2)
     assert s_metric(half) == 1.0
     assert s_metric(np.zeros((4, 4), bool)) == 0.0
     assert math.isinf(s_metric(np.ones((2, 2), bool)))
-    refs = [P(exists=True, label="dog", box=(0, 0, 2, 2)), P(exists=False)]
-    gt = [half, np.zeros((4, 4), bool)]
-    out = score("ref_avs", [format_target("ref_avs", r) for r in refs], refs, pred_masks=[half, half], gt_masks=gt)
-    assert out["mask_j"] == 1.0 and out["mask_f"] == 1.0  # the existing object only
-    assert out["s_metric"] == 1.0  # the null sample only
+    # inference_ref_3.py --split test_s / test_u: J and F; --split test_n: S, infinite S dropped from the mean.
+    dog = P(exists=True, label="dog", box=(0, 0, 3, 1))
+    refs = [dog, dog, dog, P(exists=False), P(exists=False), P(exists=False)]
+    splits = ["test_s", "test_u", "test_u", "test_n", "test_n", "test_n"]
+    texts = ["<answer>true</answer> [0,0,3,1]", "<answer>true</answer> [0,0,3,1]", "<answer>false</answer>",
+             "<answer>false</answer>", "<answer>true</answer> [0,0,3,3] [1,1]", "no answer"]  # fmt: skip
+    full, empty = np.ones((4, 4), bool), np.zeros((4, 4), bool)
+    pred = [half, _masks(1), empty, empty, full, empty]
+    gt = [half, half, half, empty, empty, empty]
+    out = score("ref_avs", texts, refs, pred_masks=pred, gt_masks=gt, splits=splits)
+    assert out["mask_j_test_s"] == 1.0 and out["mask_f_test_s"] == 1.0
+    assert out["mask_j_test_u"] == pytest.approx((0.5 + 0.0) / 2)  # the "false" answer is scored: an empty mask
+    assert out["mask_excluded_test_u"] == 0.0
+    assert out["s_metric_test_n"] == 0.0 and out["s_metric_test_n_infinite"] == 1.0  # full mask: S inf, dropped
+    assert out["mask_excluded_test_n"] == 1.0 and out["s_metric_test_n_all"] == 0.0
+    assert not {"mask_j", "s_metric", "mask_j_test_n", "s_metric_test_s"} & set(out)
     with pytest.raises(ValueError, match="masks"):
         score("s4", ["[1,2,3,4]"], [P(label="a", box=(1, 2, 3, 4))], pred_masks=[], gt_masks=[])
 
@@ -148,7 +179,7 @@ def test_garbage_predictions_never_crash(subset):
         "a2v": P(choice=1),
         "ave": P(events=(("dog", 0, 3),)),
         "unav": P(events=(("dog", 0, 3),)),
-        "avvp": P(audio_events=(("dog", 0, 3),)),
+        "avvp": P(audio_events=(("dog", 0, 3),), visual_events=(("dog", 0, 3),)),  # (a quiet modality would score 1)
         "avcap": P(caption="a dog"),
         "s4": P(label="dog", box=(0, 0, 5, 5)),
         "ref_avs": P(exists=True, label="dog", box=(0, 0, 5, 5)),
@@ -159,3 +190,26 @@ def test_garbage_predictions_never_crash(subset):
     scores = [v for k, v in out.items() if k not in ("n", "parse_error_rate") and not math.isnan(v)]
     # Junk text is a (bad) caption, so it may share a word with the reference; anything else scores zero.
     assert scores and max(scores) <= (0.1 if subset == "avcap" else 1e-6)
+
+
+def test_avvp_video_without_active_class_scores_one():
+    # GeWu-Lab/Crab_Plus utils/avvp_eval_metrics.py, segment_level / event_level: a modality where no class is active
+    # in prediction and reference leaves F_a (F_v, F, F_av) empty -> "f = 1.0  # all true negatives".
+    quiet = P(visual_events=(("dog", 0, 10),))  # no audio event at all, in prediction and reference
+    loud_ref = P(audio_events=(("speech", 0, 5),))
+    loud_pred = P(audio_events=(("speech", 0, 10),))
+    out = score("avvp", [quiet, loud_pred], [quiet, loud_ref])
+    # video 1: audio 1.0 (no class), visual 1.0, av 1.0 (SO_a * SO_v = 0 = GT_av), pooled 1.0.
+    # video 2, segments: audio TP 5 FP 5 -> 10/15; visual 1.0 (no class); av 1.0 (no class); pooled as audio, 10/15.
+    assert out["avvp_segment_audio"] == pytest.approx((1 + 10 / 15) / 2)
+    assert out["avvp_segment_visual"] == 1.0 and out["avvp_segment_av"] == 1.0
+    assert out["avvp_segment_type"] == pytest.approx(((1 + 10 / 15) / 2 + 1 + 1) / 3)
+    assert out["avvp_segment_event"] == pytest.approx((1 + 10 / 15) / 2)
+    # video 2, events: predicted run 0-10 vs reference 0-5: sum(x1*x2) = 5 >= 0.5 * 10 -> TP, so F 1.0 everywhere.
+    assert out["avvp_event_audio"] == 1.0 and out["avvp_event_type"] == 1.0 and out["avvp_event_event"] == 1.0
+
+
+def test_avvp_llp_class_spelling_matches_either_way():
+    # LLP's evaluation files write Violin_fiddle; an answer may write Violin fiddle.
+    ref = P(audio_events=(("Violin_fiddle", 0, 10),))
+    assert score("avvp", [P(audio_events=(("violin fiddle", 0, 10),))], [ref])["avvp_segment_audio"] == 1.0

@@ -143,8 +143,50 @@ def test_modular_loads_from_component_directories(tiny_modular, tmp_path, sample
     model.save_projectors(str(tmp_path))
     c = model.config
     loaded, _ = load_modular(str(tmp_path), num_queries=c.num_queries, qformer_hidden=c.qformer_hidden,
-                             qformer_heads=c.qformer_heads)  # fmt: skip
+                             qformer_heads=c.qformer_heads, qformer_intermediate=c.qformer_intermediate,
+                             vision_layers=c.vision_layers)  # fmt: skip
     for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(FileNotFoundError, match="vision directory"):
         load_modular(str(tmp_path / "vision"))
+
+
+def test_modular_projectors_have_crabs_structure(tiny_modular):
+    # GeWu-Lab/Crab models/multimodal_encoder.py: VLProjector = visual_ln, a BertLMHeadModel Q-Former from
+    # bert-base-uncased's config with num_hidden_layers 2, add_cross_attention and cross_attention_freq 1,
+    # 32 query tokens (std initializer_range), visual_proj = build_mlp(depth 2): Linear, GELU, Linear.
+    from crabplus.models.modular import ModularConfig, QFormerProjector
+
+    c = ModularConfig()
+    assert (c.num_queries, c.qformer_layers, c.qformer_hidden, c.qformer_heads, c.qformer_intermediate) == (
+        32, 2, 768, 12, 3072)  # fmt: skip
+    assert c.vision_layers == (14, 22, 23)  # VisualEncoder's select_layer_list in init_multimodal_modules
+    proj = QFormerProjector(1024, 64, c.qformer_hidden, c.qformer_heads, c.qformer_layers, c.num_queries, 3072)
+    qf = proj.qformer.config
+    assert (qf.num_hidden_layers, qf.hidden_size, qf.encoder_hidden_size, qf.hidden_act) == (2, 768, 1024, "gelu")
+    assert all(layer.has_cross_attention for layer in proj.qformer.encoder.layer)
+    assert proj.query_tokens.shape == (1, 32, 768) and 0.015 < proj.query_tokens.std() < 0.025
+    assert [type(m) for m in proj.to_lm] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    assert proj.feature_norm.normalized_shape == (1024,)
+    assert proj(torch.randn(2, 5, 1024)).shape == (2, 32, 64)
+
+
+def test_modular_queries_each_frame_on_the_last_selected_layer(tiny_modular):
+    # Crab's encode_video: a Q-Former pass per frame (b*t, 256 patches) -> t * 32 tokens; the LLM gets the last
+    # selected layer's (qformer_feature_list[-1]).
+    model, _ = tiny_modular
+    c = model.config
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, c.image_size, c.image_size)
+    feats = model.visual_features(pixels)
+    assert len(feats) == len(c.vision_layers) and feats[-1].shape[0] == 3
+    with torch.no_grad():
+        tokens = model._visual_tokens(pixels, torch.tensor([3]))
+        assert tokens.shape[:2] == (3, c.num_queries)
+        changed = pixels.clone()
+        changed[1] += 1.0
+        other = model._visual_tokens(changed, torch.tensor([3]))
+    assert torch.equal(tokens[0], other[0]) and torch.equal(tokens[2], other[2])
+    assert not torch.equal(tokens[1], other[1])
+    hidden = model.vision_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(feats[-1], hidden[c.vision_layers[-1]][:, 1:])

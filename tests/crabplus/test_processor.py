@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from crabplus.processor import (
     qwen_patchify,
     smart_resize,
 )
+from crabplus.sample import Sample
+from crabplus.tasks import get_task
 from crabplus.tokenizer import SPECIAL
 from transformers import WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -132,7 +135,7 @@ def test_modular_processor(tiny_modular, samples):
     item = proc(samples[0])
     assert item["pixel_values"].shape == (4, 3, c.image_size, c.image_size)
     assert item["input_features"].shape == (1, c.num_mel_bins, c.audio_frames)
-    assert int((item["input_ids"] == c.video_token_id).sum()) == c.num_queries
+    assert int((item["input_ids"] == c.video_token_id).sum()) == 4 * c.num_queries  # per frame, as Crab
     assert int((item["input_ids"] == c.audio_token_id).sum()) == c.num_queries
     frame = samples[0].frames[0]
     want = (frame.astype(np.float32) / 255 - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
@@ -140,3 +143,47 @@ def test_modular_processor(tiny_modular, samples):
     np.testing.assert_allclose(resized["pixel_values"][0].numpy(), want[:32, :32].transpose(2, 0, 1), atol=1e-6)
     batch = proc.collate([proc(s) for s in samples])
     assert batch["frames_per_visual"].tolist() == [4, 3, 1] and batch["pixel_values"].shape[0] == 8
+
+
+# --- the authors' user turn (issue 15 items 1-3) -------------------------------------------------------------------
+# Their loader (GeWu-Lab/Crab_Plus dataset/qwen2_5_omni/omni_dataset.py) builds the user content as
+# [preamble text, media items in the subset's order, instruction text]; Qwen2.5-Omni's chat template joins the items
+# with nothing between them and renders each medium as <|audio_bos|><|AUDIO|><|audio_eos|> or
+# <|vision_bos|><|VIDEO|><|vision_eos|> (<|IMAGE|> for images); a2v's two videos are then merged into the last video
+# placeholder and v2a's two audios into the last audio placeholder (``text.replace(PLACEHOLDER, '', n - 1)``).
+_AUDIO = f"{SPECIAL.audio_bos}{SPECIAL.audio}{SPECIAL.audio_eos}"
+_VIDEO = f"{SPECIAL.vision_bos}{SPECIAL.video}{SPECIAL.vision_eos}"
+_IMAGE = f"{SPECIAL.vision_bos}{SPECIAL.image}{SPECIAL.vision_eos}"
+AUTHORS_USER_TURNS = {
+    "a2v": "These are two videos and an audio:" + _AUDIO + _VIDEO
+    + "Please listen to the audio and indicate which of the two videos matches what you hear.",
+    "v2a": "This is a video and two audio clips:" + _VIDEO + _AUDIO
+    + "Please view the video and indicate which of the two audio clips matches what you see.",
+    "ks": "This is a video and an audio:" + _VIDEO + _AUDIO + "Please identify the action taking place in the video.",
+    "s4": "This is an image and an audio:" + _IMAGE + _AUDIO + "Please identify the category of the object producing "
+    "the sound in the video frame. Then, provide the bounding box and three pixel points of the object that is making "
+    "the sound within the frame.",
+}  # fmt: skip
+
+
+def _user_turn(proc, ids) -> str:
+    text = proc.tokenizer.decode(ids)
+    for token in (SPECIAL.audio, SPECIAL.video, SPECIAL.image):
+        text = re.sub(f"(?:{re.escape(token)})+", token, text)  # one placeholder per medium, as before expansion
+    return text.split(f"{SPECIAL.im_start}user\n", 1)[1].split(SPECIAL.im_end, 1)[0]
+
+
+@pytest.mark.parametrize("subset", sorted(AUTHORS_USER_TURNS))
+def test_user_turn_is_preamble_media_in_the_authors_order_then_instruction(omni_proc, subset):
+    spec = get_task(subset)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (1 if spec.uses_image else 4, 56, 56, 3), dtype=np.uint8)
+    sample = Sample(subset, spec.instruction, "", frames, (0.1 * rng.standard_normal(16000)).astype(np.float32))
+    assert _user_turn(omni_proc, omni_proc(sample)["input_ids"]) == AUTHORS_USER_TURNS[subset]
+
+
+def test_video_timing_defaults_to_the_authors_one_fps(omni_proc, samples):
+    # Their processor: fps None -> [1.0] * len(videos); video_second_per_grid = temporal_patch_size / fps = 2 / 1.
+    assert omni_proc(samples[0])["video_second_per_grid"].tolist() == [2.0]
+    timed = dataclasses.replace(samples[0], meta={"fps": 4.0})
+    assert omni_proc(timed)["video_second_per_grid"].tolist() == [0.5]

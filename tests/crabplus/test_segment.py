@@ -3,7 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from crabplus.segment import Sam2Segmenter
+from crabplus.data import scene
+from crabplus.interface import Prediction, format_target, parse
+from crabplus.segment import Sam2Segmenter, SamPrompt, prompt_mask, sam2_prompt
+from crabplus.tasks import COORD_SIZE, rescale_index
 
 
 @pytest.fixture(scope="module")
@@ -12,11 +15,15 @@ def seg():
 
 
 def test_coordinate_mapping_to_sam2_input(seg):
+    # Pixel indices move through pixel centres: (i + 0.5) * 64 / size - 0.5; SAM2 adds the 0.5 back.
     assert seg.size == 64
-    box = np.array([10.0, 20.0, 60.0, 80.0])
-    np.testing.assert_allclose(seg.to_model_coords(box, (80, 120)), [10 * 64 / 120, 20 * 64 / 80, 32, 64])
-    pts = np.array([[120.0, 0.0], [0.0, 80.0]])
-    np.testing.assert_allclose(seg.to_model_coords(pts, (80, 120)), [[64, 0], [0, 64]])
+    box = np.array([10.0, 20.0, 60.0, 79.0])
+    want = [(10.5) * 64 / 120 - 0.5, 20.5 * 64 / 80 - 0.5, 60.5 * 64 / 120 - 0.5, 79.5 * 64 / 80 - 0.5]
+    np.testing.assert_allclose(seg.to_model_coords(box, (80, 120)), want)
+    pts = np.array([[119.0, 0.0], [0.0, 79.0]])
+    np.testing.assert_allclose(
+        seg.to_model_coords(pts, (80, 120)), [[63.5 - 64 / 240, 0.4 - 0.5], [64 / 240 - 0.5, 63.1]]
+    )
 
 
 def test_mask_is_upsampled_to_the_frame():
@@ -42,7 +49,8 @@ def test_segment_prompts_sam2_in_model_coordinates(seg, monkeypatch):
     mask = seg.segment(frame, box=[10, 20, 60, 80], points=[[30, 40], [45, 50], [60, 60]])
     assert mask.shape == (80, 120) and mask.dtype == bool
     assert seen["pixel_values"].shape == (1, 3, 64, 64)
-    torch.testing.assert_close(seen["input_boxes"], torch.tensor([[[10 * 64 / 120, 16.0, 32.0, 64.0]]]))
+    want = [10.5 * 64 / 120 - 0.5, 20.5 * 64 / 80 - 0.5, 60.5 * 64 / 120 - 0.5, 80.5 * 64 / 80 - 0.5]
+    torch.testing.assert_close(seen["input_boxes"], torch.tensor([[want]]))
     assert seen["input_points"].shape == (1, 1, 3, 2) and seen["input_labels"].tolist() == [[[1, 1, 1]]]
     assert seg.segment(frame, points=[[30, 40]], multimask=True).shape == (80, 120)
 
@@ -64,3 +72,71 @@ def test_loads_from_a_local_directory(seg, tmp_path):
     loaded = Sam2Segmenter.from_pretrained(str(tmp_path))
     frame = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     assert np.array_equal(loaded.segment(frame, box=[5, 5, 40, 30]), seg.segment(frame, box=[5, 5, 40, 30]))
+
+
+# --- the authors' prompt rules and the one coordinate convention (issue 15 item 10) -------------------------------
+# seg/scripts/inference_3.py (s4, ms3): extract_coordinates keeps the integer matches of
+# r"\[(\d+),(\d+)(?:,(\d+),(\d+))?\]", the first box and every point; box + points -> the last <= 3 points; no box
+# and >= 3 points -> the last 3; anything else ("insufficient_coordinates", a box alone included) is invalid;
+# validate_coordinates wants 0 <= x1 < x2 < 224, 0 <= y1 < y2 < 224 and points in [0, 224).
+# inference_ref_3.py (Ref-AVS): "false" -> an empty mask, a box alone or any points suffice, the same ranges.
+PROMPTS = [
+    ("s4", "[1,2,30,40] [5,6] [7,8] [9,10] [11,12]", SamPrompt((1, 2, 30, 40), ((7, 8), (9, 10), (11, 12)))),
+    ("s4", "[1,2,30,40] [5,6]", SamPrompt((1, 2, 30, 40), ((5, 6),))),
+    ("s4", "[1,2,30,40] [5,6,50,60] [7,8]", SamPrompt((1, 2, 30, 40), ((7, 8),))),  # the first box
+    ("ms3", "[5,6] [7,8] [9,10] [11,12]", SamPrompt(None, ((7, 8), (9, 10), (11, 12)))),
+    ("s4", "[1,2,30,40]", "a box without points"),
+    ("s4", "[5,6] [7,8]", "2 point(s) and no box"),
+    ("s4", "[1,2,30,40] [5.5,6]", "a box without points"),  # "[5.5,6]" holds no integer pair
+    ("s4", "[1,2,224,40] [5,6]", "outside"),  # x2 = 224 is past the last pixel index 223
+    ("s4", "[30,2,30,40] [5,6]", "outside"),  # x1 < x2 strictly
+    ("s4", "[1,2,30,40] [5,224]", "outside"),
+    ("s4", "[1,2,30,40] [9999,6] [5,6] [5,6] [5,6]", SamPrompt((1, 2, 30, 40), ((5, 6),) * 3)),  # dropped: unchecked
+    ("s4", "[1" + "9" * 400 + ",2,3,4] [5,6]", "outside"),
+    ("s4", "no coordinates", "unparsable"),
+    ("ref_avs", "<answer>false</answer> absent [1,2,3,4]", SamPrompt()),
+    ("ref_avs", "<answer>true</answer> [1,2,30,40]", SamPrompt((1, 2, 30, 40))),
+    ("ref_avs", "<answer>true</answer> [5,6]", SamPrompt(None, ((5, 6),))),
+    ("ref_avs", "<answer>true</answer> nothing", "unparsable"),
+    ("ref_avs", "[1,2,30,40] [5,6]", "unparsable"),  # neither true nor false
+]
+
+
+@pytest.mark.parametrize(("subset", "text", "want"), PROMPTS)
+def test_sam2_prompts_follow_the_authors_rules(subset, text, want):
+    got = sam2_prompt(subset, parse(subset, text))
+    if isinstance(want, str):
+        assert got.invalid is not None and want in got.invalid
+    else:
+        assert got == want
+
+
+def test_a_perfect_answer_maps_back_exactly(seg, monkeypatch):
+    # The synthetic generator's box (the box of the mask resized to COORD_SIZE with exact nearest-neighbour sampling;
+    # PIL's NEAREST can differ at exact ties) and points map back, through pixel centres, onto the mask's own
+    # inclusive pixel box and pixels.
+    size = 64
+    mask = np.zeros((size, size), bool)
+    mask[13:40, 7:51] = True  # rows 13..39, cols 7..50
+    box = scene.box_of(mask)
+    src = (2 * np.arange(COORD_SIZE) + 1) * size // (2 * COORD_SIZE)  # exact nearest: floor((j + 0.5) * 64 / 224)
+    ys, xs = np.nonzero(mask[np.ix_(src, src)])
+    assert box == (xs.min(), ys.min(), xs.max(), ys.max())
+    text = format_target("s4", Prediction(label="dog", box=box, points=((100, 100),)))
+    prompt = sam2_prompt("s4", parse("s4", text))
+    back = np.floor(rescale_index(np.asarray(prompt.box), COORD_SIZE, size) + 0.5).astype(int)
+    assert back.tolist() == [7, 13, 50, 39]
+    assert np.floor(rescale_index(100, COORD_SIZE, size) + 0.5) == 28 and mask[28, 28]
+    seen = {}
+    forward = seg.model.forward
+    monkeypatch.setattr(seg.model, "forward", lambda **kw: seen.update(kw) or forward(**kw))
+    prompt_mask(seg, np.zeros((size, size, 3), np.uint8), prompt)
+    # frame -> SAM2 input composes to COORD -> SAM2 input directly: the centre of each named pixel, minus SAM's 0.5
+    direct = rescale_index(np.asarray(box, np.float64), COORD_SIZE, seg.size)
+    torch.testing.assert_close(seen["input_boxes"][0, 0].double(), torch.from_numpy(direct), rtol=0, atol=1e-5)
+
+
+def test_invalid_or_absent_answers_give_empty_masks(seg):
+    frame = np.zeros((32, 48, 3), np.uint8)
+    assert not prompt_mask(seg, frame, SamPrompt(invalid="a box without points")).any()
+    assert prompt_mask(seg, frame, SamPrompt()).shape == (32, 48)

@@ -67,3 +67,11 @@ def test_unknown_names_are_named():
         get_task("nope")
     with pytest.raises(KeyError, match="unknown task family"):
         subsets_of("dancing")
+
+
+def test_prompt_media_follow_the_authors_loader():
+    # omni_dataset.py: a2v lists audio, video1, video2 and keeps the last video placeholder; v2a lists video, audio1,
+    # audio2 and keeps the last audio placeholder; every other subset lists its visual input, then its audio.
+    assert get_task("a2v").prompt_media == ("audio", "visual")
+    assert get_task("v2a").prompt_media == ("visual", "audio")
+    assert {get_task(s).prompt_media for s in SUBSETS if s not in ("a2v", "v2a")} == {("visual", "audio")}

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="stop after this step with a checkpoint (a later run resumes there)")  # fmt: skip
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's newest)")
+            p.add_argument("--avvp-labels", type=Path, metavar="DIR",
+                           help="LLP evaluation CSVs: the AVVP test references (default: <root>/avvp)")  # fmt: skip
     return parser
 
 
@@ -95,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "out", None):
             cfg.train.out = str(args.out)
+        if getattr(args, "avvp_labels", None):
+            cfg.data.avvp_labels = str(args.avvp_labels)
         if args.command == "demo":
             demo(cfg, Path(cfg.train.out), progress)
         elif args.command == "train":

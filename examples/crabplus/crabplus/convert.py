@@ -11,22 +11,47 @@ named the Omni thinker's parts ``thinker.model.layers``, ``thinker.audio_tower``
 ``model.language_model.layers``, ``model.audio_tower``, ``model.visual``), and a bare LLM checkpoint may sit under
 ``language_model.`` in the modular model.
 
+Crab (v1) files also hold its projectors (``--save_modules vl_projector,al_projector,lora``, keys
+``[base_model.model.]model.vl_projector.*`` / ``al_projector.*``: ``visual_ln``, ``visual_query_tokens``,
+``visual_Qformer.bert.*`` (BLIP-2's BERT Q-Former), ``visual_proj.{0,2}``; ``audio_*`` alike). They load into the
+modular model's ``vision_projector`` / ``audio_projector`` (``crabplus.models.modular``) where a tensor fits; the
+Q-Former's text embeddings, text feed-forward and LM head (unused with queries only), a tensor whose shape differs
+(``audio_ln`` is BEATs-wide, our audio encoder is Whisper) and the mask decoder (``seg_module``) are left out and
+reported by name in the returned ``ConversionReport`` (and logged).
+
 Nothing is skipped silently: a missing file, a key that cannot be placed, an incomplete module, a shape that does not
 match the target, or an adapted module the checkpoint does not cover is an error naming it (the authors' own loader
-continues with untrained zero heads when the file is missing).
+continues with untrained zero heads when the file is missing); projector tensors that cannot be placed are reported.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B(?P<head>\d+)|lora_route)\.weight$")
 _PEFT_PREFIX = "base_model.model."
+_PROJECTOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?P<part>vl|al)_projector\.(?P<name>.+)$")
+_NO_COUNTERPART = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?P<module>seg_module|mask_encoder)\.")
+_OURS = {"vl": ("vision_projector", "visual"), "al": ("audio_projector", "audio")}
+_SELF_ATTENTION = re.compile(r"(attention)\.self\.")
+
+
+@dataclass
+class ConversionReport:
+    """What ``load_authors_checkpoint`` loaded and what it left out (checkpoint key -> why)."""
+
+    lora_tensors: int = 0
+    projector_tensors: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def load_authors_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -83,7 +108,8 @@ def convert_authors_state_dict(
         match = _KEY.match(key)
         if match is None:
             raise ValueError(
-                f"cannot place checkpoint key {key!r}: not an I-LoRA lora_A / lora_B<i> / lora_route weight"
+                f"cannot place checkpoint key {key!r}: not an I-LoRA lora_A / lora_B<i> / lora_route weight, nor a "
+                "Crab projector (vl_projector / al_projector) or mask-decoder (seg_module) tensor"
             )
         hits = [p for p in candidate_paths(match["module"]) if p in targets]
         if not hits:
@@ -127,12 +153,90 @@ def convert_authors_state_dict(
     return out
 
 
-def load_authors_checkpoint(peft_model: nn.Module, path: str, adapter: str = "default", strict: bool = True) -> int:
-    """Convert the authors' file at ``path`` and load it into ``peft_model``; returns the number of tensors loaded."""
-    from peft import set_peft_model_state_dict
+def projector_path(key: str) -> tuple[str | None, str]:
+    """The modular model's parameter path for a Crab projector key (``vision_projector.<...>``), or None and why it
+    has no counterpart. Raises ``ValueError`` for a key that is not a Crab projector's."""
+    match = _PROJECTOR.match(key)
+    if match is None:
+        raise ValueError(f"{key!r} is not a Crab projector key (vl_projector.* / al_projector.*)")
+    ours, medium = _OURS[match["part"]]
+    name = match["name"]
+    bert = f"{medium}_Qformer.bert."
+    renames = [
+        (f"{medium}_ln.", "feature_norm."),
+        (f"{medium}_proj.", "to_lm."),
+        (f"{bert}embeddings.LayerNorm.", "qformer.layernorm."),
+        (f"{bert}encoder.", "qformer.encoder."),
+    ]
+    if name == f"{medium}_query_tokens":
+        return f"{ours}.query_tokens", ""
+    if name.startswith(f"{medium}_Qformer.cls."):
+        return None, "the Q-Former's language-model head (unused: the projector reads queries only)"
+    if name.startswith(f"{bert}embeddings.") and not name.startswith(f"{bert}embeddings.LayerNorm."):
+        return None, "the Q-Former's text embeddings (unused: the projector reads queries only)"
+    if re.match(rf"{re.escape(bert)}encoder\.layer\.\d+\.(intermediate|output)\.", name):
+        return None, "the Q-Former's text feed-forward (unused: the projector reads queries only)"
+    for old, new in renames:
+        if name.startswith(old):
+            # LAVIS's BERT (Crab's models/Qformer.py) says attention.self.query, transformers attention.attention.query
+            path = _SELF_ATTENTION.sub(r"\1.attention.", new + name.removeprefix(old))
+            return f"{ours}.{path}", ""
+    return None, f"no counterpart of {medium} projector tensor {name!r} in the modular model"
 
-    converted = convert_authors_state_dict(load_authors_state_dict(path), peft_model, adapter, strict)
-    result = set_peft_model_state_dict(peft_model, converted, adapter_name=adapter)
+
+def _projector_targets(model: nn.Module, path: str) -> list[torch.Tensor] | str:
+    """The live parameters at ``path`` (every copy under PEFT's modules_to_save), or why there is none."""
+    base = model.base_model.model if hasattr(model, "base_model") else model
+    module_name, _, param = path.partition(".")
+    if not hasattr(base, module_name):
+        return f"the target model has no {module_name} (not the modular paradigm)"
+    module = getattr(base, module_name)
+    copies = [module.original_module, *module.modules_to_save.values()] if hasattr(module, "modules_to_save") else [
+        module]  # fmt: skip
+    found = [dict(m.named_parameters()).get(param) for m in copies]
+    return [p for p in found if p is not None] or f"the modular model has no parameter {path}"
+
+
+def load_projectors(model: nn.Module, state: dict[str, torch.Tensor], report: ConversionReport) -> None:
+    """Copy Crab's projector tensors into the modular model where they fit; record the rest in ``report``."""
+    for key, tensor in state.items():
+        path, why = projector_path(key)
+        targets = _projector_targets(model, path) if path else why
+        if isinstance(targets, str):
+            report.left_out[key] = targets
+            continue
+        if tensor.shape != targets[0].shape:
+            report.left_out[key] = f"shape {tuple(tensor.shape)} does not fit {path} {tuple(targets[0].shape)}"
+            continue
+        with torch.no_grad():
+            for target in targets:
+                target.copy_(tensor.to(target.dtype))
+        report.projector_tensors.append(key)
+
+
+def load_authors_checkpoint(
+    peft_model: nn.Module, path: str, adapter: str = "default", strict: bool = True
+) -> ConversionReport:
+    """Convert the authors' file at ``path`` and load it into ``peft_model``: the I-LoRA tensors (every one placed,
+    or an error), Crab's projectors where they fit; the report names what was left out (also logged)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = load_authors_state_dict(path)
+    report = ConversionReport()
+    projectors = {k: v for k, v in state.items() if not _KEY.match(k) and _PROJECTOR.match(k)}
+    for key in state:
+        if (found := _NO_COUNTERPART.match(key)) and not _KEY.match(key):
+            report.left_out[key] = f"Crab's {found['module']} (the modular model has no mask decoder)"
+    lora = {k: v for k, v in state.items() if k not in projectors and k not in report.left_out}
+    converted = convert_authors_state_dict(lora, peft_model, adapter, strict)
+    load_projectors(peft_model, projectors, report)
+    # PEFT loads an adapter's whole saved state (modules_to_save copies included): the current one, plus the LoRA.
+    full = {**get_peft_model_state_dict(peft_model, adapter_name=adapter), **converted}
+    result = set_peft_model_state_dict(peft_model, full, adapter_name=adapter)
     if result.unexpected_keys:
         raise ValueError(f"{path}: PEFT did not place converted keys {result.unexpected_keys[:5]}")
-    return len(converted)
+    report.lora_tensors = len(converted)
+    if report.left_out:
+        lines = "\n".join(f"  {k}: {why}" for k, why in report.left_out.items())
+        log.warning("%s: %d tensors left out of the model:\n%s", path, len(report.left_out), lines)
+    return report

@@ -34,7 +34,8 @@ from crabplus.interface import Prediction
 from crabplus.metrics import score
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
-from crabplus.tasks import COORD_SIZE, get_task
+from crabplus.segment import prompt_mask, sam2_prompt
+from crabplus.tasks import get_task
 from crabplus.train import RunConfig, train_dataset
 
 MASK_METRICS = ("mask_j", "mask_f", "s_metric")
@@ -82,14 +83,9 @@ def _segmenter(spec: str | None):
     return Sam2Segmenter.tiny() if spec == "tiny" else Sam2Segmenter.from_pretrained(spec)
 
 
-def _scaled(values: Sequence[int], w: int, h: int) -> list[float]:
-    """``COORD_SIZE``-space x, y pairs -> frame pixels."""
-    return [v * (w if i % 2 == 0 else h) / COORD_SIZE for i, v in enumerate(values)]
-
-
 def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Prediction]):
-    """SAM2 masks from the predicted box and points, and the ground-truth masks; ``None`` (with why) when a
-    ground-truth mask is missing."""
+    """SAM2 masks from the predicted box and points (empty where the authors' rules exclude the answer, see
+    ``crabplus.segment.sam2_prompt``), and the ground-truth masks; ``None`` (with why) when one is missing."""
     pred_masks, gt_masks = [], []
     for sample, pred in zip(samples, preds):
         frame = sample.frames[0]
@@ -101,12 +97,7 @@ def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Predic
             gt = np.zeros((h, w), bool)
         else:
             return None, None, f"no ground-truth mask for {sample.meta.get('file')} record {sample.meta.get('index')}"
-        mask = np.zeros((h, w), bool)
-        box = _scaled(pred.box, w, h) if pred.box and pred.box[2] > pred.box[0] and pred.box[3] > pred.box[1] else None
-        points = [_scaled(p, w, h) for p in pred.points]
-        if pred.exists is not False and (box or points):
-            mask = segmenter.segment(frame, box=box, points=points)
-        pred_masks.append(mask)
+        pred_masks.append(prompt_mask(segmenter, frame, sam2_prompt(sample.subset, pred)))
         gt_masks.append(gt)
     return pred_masks, gt_masks, ""
 
@@ -190,7 +181,8 @@ def evaluate(
                         masks = dict(pred_masks=pred_masks, gt_masks=gt_masks)
                         if cfg.eval.sam2 == "tiny":
                             notes[subset] = "masks from a random tiny SAM2 (plumbing check, not a score)"
-            scores[subset] = score(subset, preds, refs, meteor=cfg.eval.meteor, **masks)
+            splits = [(s.meta.get("ids") or {}).get("split") for s in group]  # Ref-AVS: test_s / test_u / test_n
+            scores[subset] = score(subset, preds, refs, meteor=cfg.eval.meteor, splits=splits, **masks)
             for sample, (text, pred), ref in zip(group, results, refs):
                 record = dict(subset=subset, file=sample.meta.get("file"), index=sample.meta.get("index"),
                               ids=sample.meta.get("ids"), prompt=sample.instruction, text=text,

@@ -185,7 +185,8 @@ _RANGE_TAG = re.compile(r"<\s*range\s*>(.*?)<\s*/\s*range\s*>", _FLAGS)
 _AVVP_TAG = re.compile(r"<\s*(visual|audio)(?:_event)?\s*>(.*?)<\s*/\s*\1(?:_event)?\s*>", _FLAGS)
 _AVVP_EVENT = re.compile(r"([^()<>;]+?)\s*,\s*((?:\(\s*[\d.]+\s*[\s,]\s*[\d.]+\s*\)\s*,?\s*)+)", _FLAGS)
 _PAIR = re.compile(rf"{_NUMBER}\s*(?:,|\s|-|~|to)\s*{_NUMBER}", _FLAGS)
-_COORDS = re.compile(rf"\[\s*{_NUMBER}\s*,\s*{_NUMBER}\s*(?:,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*)?\]")
+# Integers only, as the authors' r"\[(\d+),(\d+)(?:,(\d+),(\d+))?\]" (seg/scripts/inference_3.py): no "[1.5,2]".
+_COORDS = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*(?:,\s*(\d+)\s*,\s*(\d+)\s*)?\]")
 _CORNERS = re.compile(
     rf"top\s*left\s*corner\s*is\s*\(\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\).*?"
     rf"bottom\s*right\s*corner\s*is\s*\(\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\)",
@@ -293,7 +294,7 @@ def _object_name(text: str) -> str | None:
 def _coordinates(text: str) -> tuple[Box | None, tuple[Point, ...]]:
     box, points = None, []
     for match in _COORDS.findall(text):
-        values = [round(float(v)) for v in match if v]
+        values = [int(v) for v in match if v]
         if len(values) == 4:
             box = box or tuple(values)
         else:

@@ -10,16 +10,20 @@ What is implemented (each averaged over samples unless said otherwise):
   averaged over events, then samples.
 - AVVP (``avvp_segment``, ``avvp_event``), as the benchmark's evaluation but on parsed text: per video and class, binary
   audio / visual segment vectors (audio-visual = both); segment-level F1 = 2TP / (2TP + FP + FN) over segments,
-  event-level F1 over runs of segments with a prediction matching a reference run of IoU >= 0.5 (one to one).
-  F1 is averaged over the classes active in prediction or reference, then over videos. ``type`` = mean of audio, visual
-  and audio-visual; ``event`` pools audio and visual counts per class.
+  event-level F1 over runs of segments (a predicted run matching some reference run with IoU >= 0.5 is a TP, a
+  reference run matching none a FN). F1 is averaged over the classes active in prediction or reference, then over
+  videos; a video where no class is active in a modality scores 1.0 there, as the authors' ``avvp_eval_metrics.py``
+  (the LLP evaluation). ``type`` = mean of audio, visual and audio-visual; ``event`` pools audio and visual counts
+  per class.
 - ``bleu4``, ``cider``, ``rouge_l`` through pycocoevalcap (lower-cased, punctuation-stripped tokens, since the PTB
   tokenizer needs Java); METEOR only with ``meteor=True`` (needs Java, takes seconds).
-- ``box_iou``: IoU of ``[x1,y1,x2,y2]`` boxes (area ``(x2-x1)*(y2-y1)``) on samples whose reference has a box.
+- ``box_iou``: IoU of ``[x1,y1,x2,y2]`` boxes of inclusive pixel indices (area ``(x2-x1+1)*(y2-y1+1)``, the
+  convention of ``crabplus.tasks``) on samples whose reference has a box.
 - ``mask_j`` (IoU) and ``mask_f`` (F-beta, beta^2 = 0.3) on masks, region-based as in AVSBench and the authors'
   evaluation (not a boundary F); both count an empty prediction of an empty mask as 1. ``s_metric``: Ref-AVS null
   split, sqrt(foreground / background) of the predicted mask (lower is better). Mask metrics need ``pred_masks`` and
-  ``gt_masks``; for Ref-AVS, J and F use the references that exist and S the null ones.
+  ``gt_masks`` and come twice (``mask_scores``): over the answers the authors keep (valid SAM2 prompts) and over all
+  samples (``_all``), with the count excluded; Ref-AVS per split (J, F on ``test_s``/``test_u``, S on ``test_n``).
 
 A prediction that does not parse scores as wrong (0, or an empty answer); nothing here raises on model output.
 """
@@ -111,12 +115,17 @@ def mean_tiou(preds: Sequence[Prediction], refs: Sequence[Prediction]) -> float:
 # ---------------------------------------------------------------------------------------------------------- AVVP
 
 
+def _avvp_class(label: str) -> str:
+    """LLP class names spell spaces as underscores (``Violin_fiddle``); either spelling names the same class."""
+    return normalize(label.replace("_", " "))
+
+
 def _rows(events: Sequence[Event], classes: list[str]) -> np.ndarray:
     rows = np.zeros((len(classes), NUM_SEGMENTS), bool)
     for label, start, end in events:
         for i in range(NUM_SEGMENTS):
             if start <= i + 0.5 < end:
-                rows[classes.index(normalize(label)), i] = True
+                rows[classes.index(_avvp_class(label)), i] = True
     return rows
 
 
@@ -129,19 +138,19 @@ def _counts(pred: np.ndarray, gt: np.ndarray, level: str) -> tuple[int, int, int
     """(TP, FP, FN) of one class row at segment or event level."""
     if level == "segment":
         return int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+    # event_wise_metric: a predicted run counts TP if it matches any reference run (IoU >= 0.5), else FP; a reference
+    # run no prediction matches counts FN.
     pred_runs, gt_runs = _runs(pred), _runs(gt)
-    used, tp = set(), 0
-    for g in gt_runs:
-        match = next((k for k, q in enumerate(pred_runs) if k not in used and temporal_iou(g, q) >= 0.5), None)
-        if match is not None:
-            used.add(match)
-            tp += 1
-    return tp, len(pred_runs) - tp, len(gt_runs) - tp
+    tp = sum(any(temporal_iou(p, g) >= 0.5 for g in gt_runs) for p in pred_runs)
+    fn = sum(not any(temporal_iou(g, p) >= 0.5 for p in pred_runs) for g in gt_runs)
+    return tp, len(pred_runs) - tp, fn
 
 
 def _f1(counts: Sequence[tuple[int, int, int]]) -> float:
-    """Mean over classes with any activity of 2TP / (2TP + FP + FN); nan when no class is active."""
-    return _mean([2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan") for tp, fp, fn in counts])
+    """Mean over classes with any activity of 2TP / (2TP + FP + FN); 1.0 when no class is active ("all true
+    negatives", as ``segment_level`` / ``event_level`` of the authors' ``utils/avvp_eval_metrics.py``)."""
+    active = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if tp + fp + fn]
+    return float(np.mean(active)) if active else 1.0
 
 
 def avvp_scores(preds: Sequence[Prediction], refs: Sequence[Prediction], level: str) -> dict[str, float]:
@@ -149,7 +158,7 @@ def avvp_scores(preds: Sequence[Prediction], refs: Sequence[Prediction], level: 
     per_video: dict[str, list[float]] = {"audio": [], "visual": [], "av": [], "event": []}
     for p, r in zip(preds, refs):
         p_audio, p_visual = (p.audio_events, p.visual_events) if p.ok else ((), ())
-        classes = sorted({normalize(e[0]) for e in (*p_audio, *p_visual, *r.audio_events, *r.visual_events)})
+        classes = sorted({_avvp_class(e[0]) for e in (*p_audio, *p_visual, *r.audio_events, *r.visual_events)})
         pa, pv, ga, gv = (_rows(x, classes) for x in (p_audio, p_visual, r.audio_events, r.visual_events))
         audio = [_counts(pa[c], ga[c], level) for c in range(len(classes))]
         visual = [_counts(pv[c], gv[c], level) for c in range(len(classes))]
@@ -194,14 +203,15 @@ def caption_scores(preds: Sequence[Prediction], refs: Sequence[Prediction], mete
 
 
 def box_iou(a: Box | None, b: Box | None) -> float:
-    """IoU of two ``[x1, y1, x2, y2]`` boxes; 0 if either is missing or degenerate."""
-    if a is None or b is None:
+    """IoU of two ``[x1, y1, x2, y2]`` boxes of inclusive pixel indices (``crabplus.tasks``: a box covers
+    ``(x2 - x1 + 1) * (y2 - y1 + 1)`` pixels); 0 if either is missing or inverted (``x2 < x1`` or ``y2 < y1``)."""
+    if a is None or b is None or a[2] < a[0] or a[3] < a[1] or b[2] < b[0] or b[3] < b[1]:
         return 0.0
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
+    w = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    h = min(a[3], b[3]) - max(a[1], b[1]) + 1
     inter = max(0, w) * max(0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 and inter > 0 else 0.0
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
 
 
 def mean_box_iou(preds: Sequence[Prediction], refs: Sequence[Prediction]) -> float:
@@ -250,11 +260,13 @@ def score(
     *,
     pred_masks: Sequence[np.ndarray] | None = None,
     gt_masks: Sequence[np.ndarray] | None = None,
+    splits: Sequence[str | None] | None = None,
     meteor: bool = False,
 ) -> dict[str, float]:
     """The registry's metrics of ``subset`` for model texts (or parsed ``Prediction``s) against references.
 
-    Also reports ``n`` and ``parse_error_rate``. Mask metrics are computed only when both mask lists are given.
+    Also reports ``n`` and ``parse_error_rate``. Mask metrics are computed only when both mask lists are given
+    (``mask_scores``; ``splits`` names each Ref-AVS sample's split).
     Raises ``ValueError`` for mismatched lengths or a reference that does not parse.
     """
     spec = get_task(subset)
@@ -277,8 +289,8 @@ def score(
             if "cider" not in out:
                 out.update(caption_scores(preds, refs, meteor=meteor))
         elif metric in ("mask_j", "mask_f", "s_metric"):
-            if pred_masks is not None and gt_masks is not None:
-                out[metric] = _mask_metric(metric, spec.answer_kind, refs, pred_masks, gt_masks)
+            if pred_masks is not None and gt_masks is not None and not any(k.startswith("mask_excluded") for k in out):
+                out.update(mask_scores(subset, preds, refs, pred_masks, gt_masks, splits))
         else:
             raise AssertionError(f"registry names unknown metric {metric!r}")
     return out
@@ -293,12 +305,48 @@ _SIMPLE = {
 }
 
 
-def _mask_metric(metric: str, kind: str, refs: list[Prediction], pred_masks, gt_masks) -> float:
-    if not len(pred_masks) == len(gt_masks) == len(refs):
+def mask_scores(
+    subset: str,
+    preds: Sequence[Prediction],
+    refs: Sequence[Prediction],
+    pred_masks: Sequence[np.ndarray],
+    gt_masks: Sequence[np.ndarray],
+    splits: Sequence[str | None] | None = None,
+) -> dict[str, float]:
+    """Mask J / F (and S on Ref-AVS's null split), by the authors' protocol and over all samples.
+
+    Follows ``seg/scripts/inference_3.py`` and ``inference_ref_3.py`` (GeWu-Lab/Crab_Plus): ``mask_j``/``mask_f``
+    average the answers that prompt SAM2 validly (``crabplus.segment.sam2_prompt``; a Ref-AVS "false" is valid, an
+    empty mask), ``mask_j_all``/``mask_f_all`` every sample (an excluded answer's mask is the empty one it was given),
+    ``mask_excluded`` counts the excluded. Ref-AVS is scored per split, the suffix naming it: J and F on ``test_s``
+    (seen) and ``test_u`` (unseen), S on ``test_n`` (null), ``s_metric_test_n_infinite`` counting the full-frame
+    masks whose infinite S is dropped from the mean, as theirs. Without ``splits`` a Ref-AVS sample whose reference
+    is absent counts as null, the others as one unnamed split.
+    """
+    from crabplus.segment import sam2_prompt
+
+    if not len(pred_masks) == len(gt_masks) == len(refs) == len(preds):
         raise ValueError(f"{len(pred_masks)} predicted and {len(gt_masks)} reference masks for {len(refs)} samples")
-    # Ref-AVS scores J and F where the object exists and S on the null split; other subsets use every sample.
-    keep = [kind != "ref" or bool(r.exists) == (metric != "s_metric") for r in refs]
-    pairs = [(p, g) for p, g, k in zip(pred_masks, gt_masks, keep) if k]
-    if metric == "s_metric":
-        return _mean([s_metric(p) for p, _ in pairs])
-    return _mean([(mask_j if metric == "mask_j" else mask_f)(p, g) for p, g in pairs])
+    if splits is not None and len(splits) != len(refs):
+        raise ValueError(f"{len(splits)} splits for {len(refs)} samples")
+    ref_kind = get_task(subset).answer_kind == "ref"
+    valid = [sam2_prompt(subset, p).invalid is None for p in preds]
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for i, r in enumerate(refs):
+        split = (splits[i] if splits is not None else None) or ""
+        null = split == "test_n" if split else ref_kind and not r.exists
+        groups.setdefault((split if ref_kind else "", null), []).append(i)
+    out: dict[str, float] = {}
+    for (split, null), members in sorted(groups.items()):
+        sfx = f"_{split}" if split else ""
+        chosen = {"": [i for i in members if valid[i]], "_all": members}
+        out[f"mask_excluded{sfx}"] = float(len(members) - len(chosen[""]))
+        if null:
+            for tag, idx in chosen.items():
+                out[f"s_metric{sfx}{tag}"] = _mean([v for v in (s_metric(pred_masks[i]) for i in idx) if v < math.inf])
+            out[f"s_metric{sfx}_infinite"] = float(sum(s_metric(pred_masks[i]) == math.inf for i in members))
+            continue
+        for tag, idx in chosen.items():
+            out[f"mask_j{sfx}{tag}"] = _mean([mask_j(pred_masks[i], gt_masks[i]) for i in idx])
+            out[f"mask_f{sfx}{tag}"] = _mean([mask_f(pred_masks[i], gt_masks[i]) for i in idx])
+    return out

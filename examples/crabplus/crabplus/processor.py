@@ -1,20 +1,24 @@
 """Turn a ``Sample`` (frames, audio, instruction, target) into model inputs, and pad a list of them into a batch.
 
-The prompt is the Qwen chat format::
+The prompt is the Qwen chat format, as the authors' loader renders it (``dataset/qwen2_5_omni/omni_dataset.py``
+through Qwen2.5-Omni's chat template, which joins the user items with nothing between them)::
 
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{media}{instruction}<|im_end|>\\n<|im_start|>assistant\\n
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{preamble}{media}{instruction}<|im_end|>\\n<|im_start|>assistant\\n
 
 followed, in training, by ``{target}<|im_end|>``; labels cover only those target tokens (``-100`` elsewhere). With an
-empty target the prompt ends with the assistant header open, ready for ``generate``. ``{media}`` is
-``<|vision_bos|>`` + video (or image, for a single frame) placeholders + ``<|vision_eos|>``, then ``<|audio_bos|>`` +
-audio placeholders + ``<|audio_eos|>``, each placeholder expanded to exactly the number of features the model
-injects there; the expanded counts are checked.
+empty target the prompt ends with the assistant header open, ready for ``generate``. ``{preamble}`` is the subset's
+("This is a video and an audio:", ...) and ``{media}`` its placeholders in the registry's order
+(``TaskSpec.prompt_media``: a2v puts the audio first, then its two videos as one clip): ``<|vision_bos|>`` + video
+(or image, for a single frame) placeholders + ``<|vision_eos|>``, and ``<|audio_bos|>`` + audio placeholders +
+``<|audio_eos|>``, each placeholder expanded to exactly the number of features the model injects there; the expanded
+counts are checked. Videos are timed at ``Sample.meta["fps"]`` frames per second, else ``ProcessorConfig.fps``
+(``VIDEO_FPS``, 1.0, the authors' processor default).
 
 - ``OmniProcessor`` (Qwen2.5-Omni thinker): frames resized with Qwen2-VL's ``smart_resize``, normalized with the CLIP
   mean/std and patched as the Qwen2-VL processor does (temporal patch 2, patch 14, merge 2), without torchvision;
   audio through ``WhisperFeatureExtractor`` (128 mel bins).
 - ``ModularProcessor`` (the Crab paradigm): frames -> CLIP/SigLIP ``pixel_values``, audio -> Whisper features over the
-  encoder's fixed window; each medium takes ``num_queries`` placeholders (the Q-Former's outputs).
+  encoder's fixed window; each frame and each audio takes ``num_queries`` placeholders (the Q-Former's outputs).
 
 ``processor(sample)`` returns a dict of tensors for one sample; ``processor.collate(items, padding_side=...)`` pads
 them into a batch (``"left"`` for batched generation).
@@ -30,7 +34,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from .sample import AUDIO_SAMPLE_RATE, Sample
+from .sample import AUDIO_SAMPLE_RATE, VIDEO_FPS, Sample
+from .tasks import get_task
 from .tokenizer import SPECIAL, special_token_ids
 
 IGNORE_INDEX = -100
@@ -49,8 +54,8 @@ class ProcessorConfig:
     system_prompt: str = OMNI_SYSTEM_PROMPT
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224
-    fps: float = 2.0
-    """Frame rate of ``Sample.frames`` when ``meta["fps"]`` is absent (the Omni processor's default)."""
+    fps: float = VIDEO_FPS
+    """Frame rate of ``Sample.frames`` when ``meta["fps"]`` is absent (the authors' Omni processor default, 1.0)."""
     max_audio_seconds: float = 300.0
     """Longer audio is truncated, as Omni's feature extractor does (its 300 s window)."""
 
@@ -127,19 +132,26 @@ class ChatProcessor:
     def _enc(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _media(self, sample: Sample) -> tuple[list[int], dict[str, torch.Tensor], dict[int, int]]:
-        """Placeholder ids, the media tensors, and the expected count per placeholder token id."""
+    def _media(self, sample: Sample) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], dict[int, int]]:
+        """Placeholder ids per kind (``"visual"``, ``"audio"``), the media tensors, and the expected count per
+        placeholder token id."""
         raise NotImplementedError
 
     def __call__(self, sample: Sample) -> dict[str, torch.Tensor]:
-        """One sample's inputs; ``labels`` only when ``sample.target`` is non-empty (training)."""
+        """One sample's inputs; ``labels`` only when ``sample.target`` is non-empty (training).
+
+        Raises ``KeyError`` for a subset the registry does not know (its preamble and media order come from there).
+        """
+        spec = get_task(sample.subset)
         media_ids, tensors, expected = self._media(sample)
         S = SPECIAL
-        prompt = (
-            self._enc(f"{S.im_start}system\n{self.config.system_prompt}{S.im_end}\n{S.im_start}user\n")
-            + media_ids
-            + self._enc(f"{sample.instruction}{S.im_end}\n{S.im_start}assistant\n")
-        )
+        prompt = self._enc(f"{S.im_start}system\n{self.config.system_prompt}{S.im_end}\n{S.im_start}user\n")
+        prompt += self._enc(spec.preamble) if spec.preamble else []
+        for kind in spec.prompt_media:
+            prompt += media_ids.pop(kind, [])
+        if media_ids:
+            raise ValueError(f"sample {sample.meta or sample.subset!r}: {sample.subset} takes no {sorted(media_ids)}")
+        prompt += self._enc(f"{sample.instruction}{S.im_end}\n{S.im_start}assistant\n")
         ids = prompt
         if sample.target:
             ids = prompt + self._enc(sample.target) + [self.eos_id]
@@ -242,13 +254,13 @@ class OmniProcessor(ChatProcessor):
         return ((num_frames - 1) // 2 + 1 - 2) // 2 + 1
 
     def _media(self, sample: Sample):
-        ids, tensors, expected = [], {}, {}
+        ids, tensors, expected = {}, {}, {}
         if sample.frames is not None:
             patches, grid = self.video_inputs(sample.frames)
             is_image = sample.frames.shape[0] == 1
             n = grid[0] * grid[1] * grid[2] // self.merge**2
             token = self.ids["image" if is_image else "video"]
-            ids += [self.ids["vision_bos"], *[token] * n, self.ids["vision_eos"]]
+            ids["visual"] = [self.ids["vision_bos"], *[token] * n, self.ids["vision_eos"]]
             expected[token] = n
             if is_image:
                 tensors["pixel_values"] = torch.from_numpy(patches)
@@ -261,7 +273,7 @@ class OmniProcessor(ChatProcessor):
         if sample.audio is not None:
             feats = self.audio_inputs(sample.audio)
             n = self.audio_token_count(feats.shape[1])
-            ids += [self.ids["audio_bos"], *[self.ids["audio"]] * n, self.ids["audio_eos"]]
+            ids["audio"] = [self.ids["audio_bos"], *[self.ids["audio"]] * n, self.ids["audio_eos"]]
             expected[self.ids["audio"]] = n
             tensors["input_features"] = torch.from_numpy(feats)
             tensors["feature_attention_mask"] = torch.ones(feats.shape[1], dtype=torch.long)
@@ -298,15 +310,16 @@ class ModularProcessor(ChatProcessor):
 
     def _media(self, sample: Sample):
         c = self.model_config
-        ids, tensors, expected = [], {}, {}
+        ids, tensors, expected = {}, {}, {}
         if sample.frames is not None:
             frames = _check_frames(sample.frames)
             size = (c.image_size, c.image_size)
             tensors["pixel_values"] = torch.from_numpy(resize_normalize(frames, size, c.image_mean, c.image_std))
             tensors["frames_per_visual"] = torch.tensor([frames.shape[0]])
             token = c.image_token_id if frames.shape[0] == 1 else c.video_token_id
-            ids += [self.ids["vision_bos"], *[token] * c.num_queries, self.ids["vision_eos"]]
-            expected[token] = c.num_queries
+            n = frames.shape[0] * c.num_queries  # one Q-Former pass per frame, as Crab
+            ids["visual"] = [self.ids["vision_bos"], *[token] * n, self.ids["vision_eos"]]
+            expected[token] = n
         if sample.audio is not None:
             # Whisper sees a fixed window (30 s for the real model): longer audio is truncated, shorter padded.
             feats = self.feature_extractor(
@@ -314,6 +327,6 @@ class ModularProcessor(ChatProcessor):
                 truncation=True, return_tensors="np",
             )["input_features"]  # fmt: skip
             tensors["input_features"] = torch.from_numpy(feats)
-            ids += [self.ids["audio_bos"], *[c.audio_token_id] * c.num_queries, self.ids["audio_eos"]]
+            ids["audio"] = [self.ids["audio_bos"], *[c.audio_token_id] * c.num_queries, self.ids["audio_eos"]]
             expected[c.audio_token_id] = c.num_queries
         return ids, tensors, expected

@@ -26,3 +26,8 @@ class Sample:
 
 
 AUDIO_SAMPLE_RATE = 16_000
+
+#: Frame rate the authors' Omni processor assumes for every video (``fps=None`` -> 1.0 in their
+#: ``models/qwen2_5_omni/processing_qwen2_5_omni.py``): 2.0 s per temporal grid of 2 frames in TMRoPE, whatever
+#: the clip's real sampling rate.
+VIDEO_FPS = 1.0

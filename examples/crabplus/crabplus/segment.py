@@ -1,20 +1,33 @@
 """Stage 2 of Crab+ segmentation: the box ``[x1,y1,x2,y2]`` and points ``[x,y]`` the LLM wrote prompt SAM2 for a mask.
 
-Coordinates are in the video frame's pixels. The frame is resized (not letterboxed) to SAM2's square input, so
-prompts scale by ``S / W`` in x and ``S / H`` in y; SAM2's low-resolution mask logits (a quarter of ``S``) are
-upsampled bilinearly straight to the frame size and thresholded at 0, as ``Sam2Processor`` does (it needs
-torchvision, hence the hand-written mapping).
+Which answers prompt SAM2, and with what (``sam2_prompt``), follows the authors' ``seg/scripts/inference_3.py`` (s4,
+ms3) and ``inference_ref_3.py`` (Ref-AVS) in GeWu-Lab/Crab_Plus: integer coordinates only (the parser's), the first
+box plus the last at most 3 points; for s4/ms3 a box without points, or fewer than 3 points without a box, is
+invalid; for Ref-AVS ``<answer>false</answer>`` is an empty mask and a box alone suffices; every kept coordinate must
+lie in ``[0, COORD_SIZE)`` with ``x1 < x2``, ``y1 < y2``. Invalid answers are excluded from the authors' mean
+(``crabplus.metrics`` reports both means).
+
+Coordinates follow the one convention of ``crabplus.tasks`` (inclusive pixel indices, pixel centres at ``i + 0.5``):
+``COORD_SIZE`` indices map to frame indices and on to SAM2's input indices through pixel centres
+(``rescale_index``), and SAM2's prompt encoder adds the 0.5 back, so a prompt lands on the centre of the pixel it
+names at every size. The frame is resized (not letterboxed) to SAM2's square input; SAM2's low-resolution mask
+logits (a quarter of ``S``) are upsampled bilinearly straight to the frame size and thresholded at 0, as
+``Sam2Processor`` does (it needs torchvision, hence the hand-written mapping).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import Sam2Config, Sam2Model
+
+from crabplus.interface import Box, Point, Prediction
+from crabplus.tasks import COORD_SIZE, get_task, rescale_index
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,10 +85,9 @@ class Sam2Segmenter:
         return torch.from_numpy(x.transpose(2, 0, 1).copy()).unsqueeze(0)
 
     def to_model_coords(self, xy: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
-        """Frame-pixel ``[..., 2k]`` (x, y pairs) -> SAM2 input pixels."""
+        """Frame pixel indices ``[..., 2k]`` (x, y pairs) -> SAM2 input pixel indices (through pixel centres)."""
         h, w = frame_hw
-        scale = np.tile([self.size / w, self.size / h], xy.shape[-1] // 2)
-        return xy * scale
+        return _rescale_xy(xy, (w, h), (self.size, self.size))
 
     @staticmethod
     def upsample_mask(logits: torch.Tensor, frame_hw: tuple[int, int]) -> np.ndarray:
@@ -91,7 +103,8 @@ class Sam2Segmenter:
         points: Sequence[Sequence[float]] = (),
         multimask: bool = False,
     ) -> np.ndarray:
-        """The mask ``[H, W]`` (bool) of the object the box and/or foreground points designate."""
+        """The mask ``[H, W]`` (bool) of the object the box and/or foreground points designate, both given as frame
+        pixel indices (inclusive box corners; floats allowed)."""
         if box is None and not points:
             raise ValueError("segment needs a box, points, or both")
         frame_hw = frame.shape[:2]
@@ -111,3 +124,63 @@ class Sam2Segmenter:
         out = self.model(pixel_values=self.preprocess(frame).to(device, dtype), multimask_output=multimask, **kwargs)
         masks, scores = out.pred_masks[0, 0], out.iou_scores[0, 0]  # [num_masks, h, w], [num_masks]
         return self.upsample_mask(masks[int(scores.argmax())], frame_hw)
+
+
+def _rescale_xy(xy: np.ndarray, src_wh: tuple[int, int], dst_wh: tuple[int, int]) -> np.ndarray:
+    xy = np.asarray(xy, dtype=np.float64)
+    out = xy.copy()
+    out[..., 0::2] = rescale_index(xy[..., 0::2], src_wh[0], dst_wh[0])
+    out[..., 1::2] = rescale_index(xy[..., 1::2], src_wh[1], dst_wh[1])
+    return out
+
+
+@dataclass(frozen=True)
+class SamPrompt:
+    """What one answer prompts SAM2 with, in ``COORD_SIZE`` pixel indices. ``invalid`` says why the authors'
+    evaluation leaves the answer out (then nothing prompts SAM2); a valid prompt without box and points is an
+    answered absence (an empty mask)."""
+
+    box: Box | None = None
+    points: tuple[Point, ...] = ()
+    invalid: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.box is None and not self.points
+
+
+def _out_of_range(box: Box | None, points: Sequence[Point]) -> str | None:
+    if box is not None and not (0 <= box[0] < box[2] < COORD_SIZE and 0 <= box[1] < box[3] < COORD_SIZE):
+        return f"box {list(box)} outside 0 <= x1 < x2 < {COORD_SIZE}, 0 <= y1 < y2 < {COORD_SIZE}"
+    bad = [list(p) for p in points if not (0 <= p[0] < COORD_SIZE and 0 <= p[1] < COORD_SIZE)]
+    return f"points {bad} outside [0, {COORD_SIZE})" if bad else None
+
+
+def sam2_prompt(subset: str, pred: Prediction) -> SamPrompt:
+    """The SAM2 prompt of a segmentation answer (s4, ms3: ``box_points``; ref_avs: ``ref``), by the authors' rules
+    (see the module docstring). Raises ``ValueError`` for another subset."""
+    kind = get_task(subset).answer_kind
+    if kind not in ("box_points", "ref"):
+        raise ValueError(f"{subset}: SAM2 prompts are for s4, ms3 and ref_avs answers, not {kind!r}")
+    if kind == "ref" and pred.exists is False:
+        return SamPrompt()
+    if not pred.ok:
+        return SamPrompt(invalid=f"unparsable ({pred.error})")
+    box, points = pred.box, pred.points[-3:]
+    if kind == "box_points":
+        if box is not None and not points:
+            return SamPrompt(invalid="a box without points")
+        if box is None and len(points) < 3:
+            return SamPrompt(invalid=f"{len(points)} point(s) and no box (3 points needed)")
+    why = _out_of_range(box, points)
+    return SamPrompt(invalid=why) if why else SamPrompt(box, points)
+
+
+def prompt_mask(segmenter: Sam2Segmenter, frame: np.ndarray, prompt: SamPrompt) -> np.ndarray:
+    """The predicted mask ``[H, W]`` of ``frame`` for ``prompt``: SAM2's, or empty for an absent or invalid answer."""
+    h, w = frame.shape[:2]
+    if prompt.invalid or prompt.empty:
+        return np.zeros((h, w), bool)
+    to_frame = lambda xy: _rescale_xy(np.asarray(xy, np.float64), (COORD_SIZE,) * 2, (w, h))  # noqa: E731
+    box = None if prompt.box is None else to_frame(prompt.box).tolist()
+    return segmenter.segment(frame, box=box, points=[to_frame(p).tolist() for p in prompt.points])

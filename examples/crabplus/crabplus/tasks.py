@@ -1,7 +1,15 @@
 """The registry of AV-UIE v2: 7 task families, 19 subsets, and what each subset reads, asks, answers and is scored with.
 
 Instructions, preambles and frame counts follow the authors' loader (``dataset/qwen2_5_omni/omni_dataset.py`` in
-GeWu-Lab/Crab_Plus). Boxes and points are written in the model's input space, ``COORD_SIZE`` x ``COORD_SIZE`` pixels.
+GeWu-Lab/Crab_Plus).
+
+Coordinate convention (one for the synthetic generator, the parser, the scorer and the SAM2 prompts): boxes
+``[x1,y1,x2,y2]`` and points ``[x,y]`` are integer *inclusive pixel indices* of the model's ``COORD_SIZE`` x
+``COORD_SIZE`` input image, ``0 <= x, y < COORD_SIZE`` (the authors' ``validate_coordinates`` in
+``seg/scripts/inference_3.py`` refuses ``x2 >= 224``); a box covers pixels ``x1..x2`` and ``y1..y2``. Pixel ``i`` spans
+``[i, i + 1)`` with its centre at ``i + 0.5``, as SAM2's prompt encoder reads its input ("shift to center of pixel").
+A coordinate moves between images of different sizes through pixel centres (``rescale_index``); a mask's box is the
+box of the mask resized to ``COORD_SIZE`` with nearest-neighbour sampling, as the authors score masks at 224 x 224.
 """
 
 from __future__ import annotations
@@ -13,6 +21,16 @@ from typing import Any
 
 #: Side of the square image the model sees; box and point coordinates in targets live in this space.
 COORD_SIZE = 224
+
+
+def rescale_index(values: Any, src_size: int, dst_size: int) -> Any:
+    """Pixel indices (int or float, any array shape) of a ``src_size`` axis -> float indices of a ``dst_size`` axis
+    with the same pixel centres: ``(i + 0.5) * dst / src - 0.5``. Exactly invertible; ``floor(result + 0.5)`` is the
+    destination pixel holding the source pixel's centre."""
+    if src_size <= 0 or dst_size <= 0:
+        raise ValueError(f"image sizes must be positive, got {src_size} -> {dst_size}")
+    return (values + 0.5) * (dst_size / src_size) - 0.5
+
 
 #: Temporal tasks (AVE, AVVP) describe a clip as this many unit segments ("seconds" in AVE and AVVP).
 NUM_SEGMENTS = 10
@@ -71,11 +89,25 @@ class TaskSpec:
     id_fields: tuple[str, ...] = ()
     audio_segments: int | None = None
     frame_index_field: str | None = None
+    split_field: str | None = None
+    """The field naming a test record's evaluation split (Ref-AVS: ``test_s``, ``test_u``, ``test_n``)."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
         """The input kinds in order, e.g. ``("audio", "video", "video")`` for a2v."""
         return tuple(_MODALITY[folder or field] for field, folder in self.media)
+
+    @property
+    def prompt_media(self) -> tuple[str, ...]:
+        """The media placeholders of the user turn in order, each ``"visual"`` or ``"audio"``.
+
+        Several inputs of one kind share one placeholder, placed where the last of them stands: the authors' loader
+        (``__getitem__`` of ``dataset/qwen2_5_omni/omni_dataset.py``) drops all but the last repeated placeholder of
+        a2v (videos) and v2a (audios). So a2v is ``("audio", "visual")``, v2a ``("visual", "audio")``.
+        """
+        kinds = ["audio" if m == "audio" else "visual" for m in self.modalities]
+        last = {kind: i for i, kind in enumerate(kinds)}
+        return tuple(sorted(last, key=last.__getitem__))
 
     @property
     def uses_image(self) -> bool:
@@ -186,7 +218,7 @@ _SPECS: tuple[TaskSpec, ...] = (
                   'Answer with "true" or "false" whether the object exists. If it exists, respond with a sentence '
                   "identifying the object's name, its bounding box, and three pixel points; if not, state that the "
                   "object is absent.", "ref", "output", ("exist_accuracy", "mask_j", "mask_f", "s_metric", "box_iou"),
-                  id_fields=("vid", "fid", "uid"), audio_segments=10, frame_index_field="idx"),
+                  id_fields=("vid", "fid", "uid"), audio_segments=10, frame_index_field="idx", split_field="split"),
     _segmentation("arig",
                   "Please recognize the category of object that makes the sound and then output its bounding box.",
                   "grounding", "label_content", ("box_iou", "label_accuracy"), label_fields=("a_obj",)),

@@ -75,6 +75,9 @@ class DataConfig:
     check_media: Literal["open", "exists", "none"] = "open"
     num_workers: int = 0
     synth: SynthSettings = field(default_factory=SynthSettings)
+    avvp_labels: str | None = None
+    """Directory of the LLP evaluation files (AVVP_eval_audio.csv, AVVP_eval_visual.csv) that hold the AVVP test
+    references; None: ``<root>/avvp/`` (``crabplus.data.llp``)."""
 
 
 @dataclass
@@ -90,6 +93,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; None: no clipping (the authors' Crab+ run, configs/crabplus_7b.yaml)."""
     seed: int = 0
     bf16: bool = False
     """bfloat16 autocast (CUDA); trainable weights stay float32."""
@@ -276,7 +280,8 @@ def train_dataset(cfg: RunConfig, split: str = "train", subsets: Sequence[str] |
                                 "`python -m crabplus.data.synth --out DIR`)")  # fmt: skip
     if subsets is None:
         subsets = cfg.data.subsets if isinstance(cfg.data.subsets, dict) else cfg.subsets()
-    return AVUIEDataset(root, subsets, split, cfg.train.seed, cfg.data.frame_size, cfg.data.check_media)
+    return AVUIEDataset(root, subsets, split, cfg.train.seed, cfg.data.frame_size, cfg.data.check_media,
+                        avvp_labels=cfg.data.avvp_labels)  # fmt: skip
 
 
 def synthesize(cfg: RunConfig, root: str | Path) -> Path:

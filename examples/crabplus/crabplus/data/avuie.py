@@ -2,12 +2,15 @@
 
 Layout: ``<root>/<subset>/train.json|test.json``; video subsets keep media under ``video/`` and ``audio/``, image
 subsets (s4, ms3, ref_avs, arig) give paths relative to the subset folder. Each record becomes a ``Sample`` with the
-registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``.
+registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``: audio cut to the
+authors' per-task window (``crabplus.data.windows``), videos timed at the authors' 1 fps (``meta["fps"]``).
 
 Bad data never stops a pass and is never silent. At index build, a record with a missing field, a missing media file
 or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index, reason) and
 left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem and return
 ``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the end.
+AVVP test records, which hold no events, take their references from the LLP evaluation files
+(``crabplus.data.llp``; ``avvp_labels`` or ``<root>/avvp/``); without them each is reported with what is missing.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from crabplus.data.llp import find_llp_dir, read_llp_labels
 from crabplus.data.media import MediaError, read_audio, read_frames, read_image
+from crabplus.data.windows import task_audio
 from crabplus.interface import Prediction, format_target, parse
-from crabplus.sample import Sample
+from crabplus.sample import VIDEO_FPS, Sample
 from crabplus.tasks import SUBSETS, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -185,12 +190,15 @@ class AVUIEDataset(torch.utils.data.Dataset):
         seed: int = 0,
         frame_size: int | None = 224,
         check_media: str = "open",
+        avvp_labels: str | Path | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if check_media not in CHECK_MEDIA:
             raise ValueError(f"check_media must be one of {CHECK_MEDIA}, got {check_media!r}")
         self.root, self.split, self.frame_size, self.check_media = Path(root), split, frame_size, check_media
+        self.avvp_labels = avvp_labels
+        self._llp: dict[str, Prediction] | None = None
         if not self.root.is_dir():
             raise FileNotFoundError(f"AV-UIE root {self.root} is not a directory")
         ratios = dict(subsets) if isinstance(subsets, Mapping) else dict.fromkeys(subsets or SUBSETS, 1.0)
@@ -232,6 +240,8 @@ class AVUIEDataset(torch.utils.data.Dataset):
             raise _Skip(f"missing field(s) {', '.join(map(repr, missing))}")
         target = record.get(spec.target_field)
         fields_ref = reference_from_fields(spec, record)
+        if target is None and self.split == "test" and spec.name == "avvp":
+            fields_ref = self._llp_reference(record)
         if target is None and self.split == "test" and fields_ref is not None:
             target = format_target(spec.name, fields_ref) if _formattable(spec, fields_ref) else ""
         if target is None:
@@ -257,6 +267,19 @@ class AVUIEDataset(torch.utils.data.Dataset):
         except (KeyError, ValueError, IndexError) as exc:
             raise _Skip(f"cannot build the instruction ({exc})") from exc
         return _Entry(spec.name, str(path), index, record, instruction, target, tuple(media), reference)
+
+    def _llp_reference(self, record: Mapping[str, Any]) -> Prediction:
+        """An AVVP test record's events from the LLP evaluation files (``crabplus.data.llp``); a malformed file is an
+        error, a missing one (or filename) leaves the record out with the reason."""
+        if self._llp is None:
+            where, missing = find_llp_dir(self.root, self.avvp_labels)
+            if where is None:
+                raise _Skip(missing)
+            self._llp = read_llp_labels(where)
+        name = record.get("filename")
+        if name not in self._llp:
+            raise _Skip(f"filename {name!r} is in neither LLP evaluation file (AVVP_eval_audio/visual.csv)")
+        return self._llp[name]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -284,6 +307,12 @@ class AVUIEDataset(torch.utils.data.Dataset):
         """The sample at ``i``; raises ``MediaError`` naming the file that fails."""
         entry = self.entries[i]
         spec = get_task(entry.subset)
+        frame_index = None
+        if spec.audio_segments:
+            has_index = _has(entry.record, spec.frame_index_field)
+            frame_index = int(get_field(entry.record, spec.frame_index_field)) if has_index else 0
+            if spec.name == "s4" and self.split == "train":
+                frame_index = 0  # the authors' training loader always hears s4's first part
         frames, audio = [], []
         for modality, path in entry.media:
             if modality == "video":
@@ -291,25 +320,22 @@ class AVUIEDataset(torch.utils.data.Dataset):
             elif modality == "image":
                 frames.append(read_image(path, self.frame_size)[None])
             else:
-                audio.append(read_audio(path))
+                audio.append(task_audio(read_audio(path), spec.name, frame_index))
         # Two videos (a2v) or two audios (v2a) are concatenated in time, as the authors feed them.
         waveform = np.concatenate(audio) if audio else None
-        frame_index = None
-        if spec.audio_segments and waveform is not None:
-            has_index = _has(entry.record, spec.frame_index_field)
-            frame_index = int(get_field(entry.record, spec.frame_index_field)) if has_index else 0
-            waveform = _segment(waveform, spec.audio_segments, frame_index)
         meta = {
             "subset": entry.subset,
             "split": self.split,
             "file": entry.file,
             "index": entry.index,
-            "ids": {k: entry.record[k] for k in spec.id_fields if k in entry.record},
+            "ids": {k: entry.record[k] for k in (*spec.id_fields, spec.split_field) if k in entry.record},
             "media": [path for _, path in entry.media],
             "reference": entry.reference,
             "frame_index": frame_index,
             "mask_path": mask_path(entry.subset, entry.media[0][1], entry.record),
         }
+        if any(modality == "video" for modality, _ in entry.media):
+            meta["fps"] = VIDEO_FPS  # the authors' processor times every clip at 1 fps, whatever its frame rate
         return Sample(entry.subset, entry.instruction, entry.target, np.concatenate(frames), waveform, meta)
 
 
@@ -333,14 +359,6 @@ def _mix(entries: list[_Entry], ratio: float, rng: np.random.Generator) -> list[
     whole, frac = int(ratio), ratio - int(ratio)
     extra = rng.choice(len(entries), size=round(frac * len(entries)), replace=False) if entries else []
     return entries * whole + [entries[j] for j in sorted(extra)]
-
-
-def _segment(audio: np.ndarray, parts: int, index: int) -> np.ndarray:
-    """Part ``index`` of ``parts`` equal parts, as the authors cut AVS audio per frame."""
-    if not 0 <= index < parts:
-        raise ValueError(f"frame index {index} outside the {parts} audio parts")
-    step = len(audio) // parts
-    return audio[index * step : (index + 1) * step]
 
 
 def mask_path(subset: str, image_path: str, record: Mapping[str, Any]) -> str | None:

@@ -186,7 +186,9 @@ def voice(emotion: str, config: SynthConfig, rng: np.random.Generator) -> np.nda
 
 
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """``[x1, y1, x2, y2]`` of a mask's pixels, in the ``COORD_SIZE`` space."""
+    """``[x1, y1, x2, y2]`` of a mask's pixels as inclusive ``COORD_SIZE`` pixel indices (``crabplus.tasks``): the box
+    of the mask resized to ``COORD_SIZE`` by nearest-neighbour sampling, so its corners map back onto the mask's own
+    corner pixels through pixel centres (``rescale_index``)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         raise ValueError("empty mask has no box")

@@ -1,9 +1,15 @@
 """The Crab paradigm: separate encoders, Q-Former projectors and a causal LM.
 
-A vision encoder (CLIP or SigLIP vision tower) and an audio encoder (Whisper's encoder) each feed a Q-Former-style
-projector (learned queries, self-attention, cross-attention to the encoder features, an MLP; 2 layers and 32 queries
-in Crab) whose ``num_queries`` outputs replace the placeholder tokens of the LM's input embeddings. The LM is any
-transformers causal LM (Qwen2, LLaMA).
+Structure of Crab's ``VisualEncoder`` / ``VLProjector`` / ``ALProjector`` (``models/multimodal_encoder.py`` of
+GeWu-Lab/Crab): the vision tower's patch features (CLS dropped) at the layers ``vision_layers`` (Crab: CLIP ViT-L/14
+hidden states ``[14, 22, 23]``; the last feeds the LM, the others were its mask decoder's multi-scale input), each
+frame through its own Q-Former pass, so a video of ``F`` frames gives ``F x num_queries`` tokens; audio through the
+same projector structure. A projector is a LayerNorm on the encoder features, a BERT-config Q-Former (BLIP-2's:
+``num_queries`` learned queries, self-attention, cross-attention to the features in every layer, 2 layers, width 768,
+12 heads; transformers' ``Blip2QFormerModel``) and a 2-layer MLP (Linear, GELU, Linear) to the LM width.
+
+Where it differs from Crab (``examples/crabplus/README.md``, Protocol): the audio encoder is Whisper's (BEATs is not in
+transformers), fed one window per audio instead of one-second chunks; there is no mask decoder.
 
 Module paths: ``vision_encoder``, ``audio_encoder``, ``vision_projector``, ``audio_projector``, ``language_model``.
 Projector layers avoid the ``_proj`` suffixes so the authors' suffix targets never hit them.
@@ -20,6 +26,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedModel,
@@ -58,6 +66,10 @@ class ModularConfig:
     qformer_layers: int = 2
     qformer_hidden: int = 768
     qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    vision_layers: tuple[int, ...] = (14, 22, 23)
+    """Hidden-state indices of the vision tower whose patch features ``visual_features`` returns; the last feeds the
+    vision projector (Crab's ``select_layer_list``)."""
     image_size: int = 224
     image_mean: tuple[float, ...] = CLIP_MEAN_STD[0]
     image_std: tuple[float, ...] = CLIP_MEAN_STD[1]
@@ -74,39 +86,31 @@ class ModularConfig:
         return asdict(self)
 
 
-class QFormerLayer(nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
-
-    def forward(self, q: torch.Tensor, feats: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm1(q)
-        q = q + self.self_attn(h, h, h, need_weights=False)[0]
-        q = q + self.cross_attn(self.norm2(q), feats, feats, key_padding_mask=pad_mask, need_weights=False)[0]
-        return q + self.mlp(self.norm3(q))
-
-
 class QFormerProjector(nn.Module):
-    """``[B, N, d_enc]`` encoder features -> ``[B, num_queries, d_lm]`` tokens for the LM."""
+    """Crab's ``VLProjector`` / ``ALProjector``: ``[B, N, d_enc]`` encoder features -> ``[B, num_queries, d_lm]``.
 
-    def __init__(self, d_enc: int, d_lm: int, hidden: int, heads: int, layers: int, num_queries: int):
+    ``feature_norm`` (their ``visual_ln`` / ``audio_ln``), ``qformer`` (BERT config, cross-attention in every layer),
+    ``query_tokens`` ``[1, num_queries, hidden]`` (normal, std 0.02), ``to_lm`` (their ``visual_proj``/``audio_proj``).
+    """
+
+    def __init__(
+        self, d_enc: int, d_lm: int, hidden: int, heads: int, layers: int, num_queries: int, intermediate: int
+    ) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02)
-        self.feat_in = nn.Linear(d_enc, hidden)
-        self.layers = nn.ModuleList([QFormerLayer(hidden, heads) for _ in range(layers)])
-        self.norm = nn.LayerNorm(hidden)
-        # Crab's 2-layer MLP from the Q-Former width to the LM width.
+        config = Blip2QFormerConfig(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+            encoder_hidden_size=d_enc, cross_attention_frequency=1, use_qformer_text_input=False,
+        )  # fmt: skip
+        self.feature_norm = nn.LayerNorm(d_enc)
+        self.qformer = Blip2QFormerModel(config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, hidden).normal_(0.0, config.initializer_range))
         self.to_lm = nn.Sequential(nn.Linear(hidden, d_lm), nn.GELU(), nn.Linear(d_lm, d_lm))
 
-    def forward(self, feats: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        kv = self.feat_in(feats)
-        q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(kv.dtype)
-        for layer in self.layers:
-            q = layer(q, kv, pad_mask)
-        return self.to_lm(self.norm(q))
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = self.feature_norm(feats)
+        queries = self.query_tokens.expand(feats.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=feats).last_hidden_state
+        return self.to_lm(out.to(self.to_lm[0].weight.dtype))
 
 
 class CrabModularModel(nn.Module):
@@ -124,26 +128,33 @@ class CrabModularModel(nn.Module):
         self.config = config
         self.vision_encoder, self.audio_encoder, self.language_model = vision_encoder, audio_encoder, language_model
         d_lm = language_model.config.get_text_config().hidden_size
+        depth = vision_encoder.config.num_hidden_layers
+        if not config.vision_layers or not all(0 <= i <= depth for i in config.vision_layers):
+            raise ValueError(
+                f"ModularConfig.vision_layers {config.vision_layers} must name hidden states 0..{depth} of the vision "
+                "tower (Crab: (14, 22, 23) of CLIP ViT-L/14)"
+            )
         qf = (config.qformer_hidden, config.qformer_heads, config.qformer_layers, config.num_queries)
+        qf += (config.qformer_intermediate,)
         self.vision_projector = QFormerProjector(vision_encoder.config.hidden_size, d_lm, *qf)
         self.audio_projector = QFormerProjector(audio_encoder.config.d_model, d_lm, *qf)
         self.generation_config = language_model.generation_config
 
-    def _visual_tokens(self, pixel_values: torch.Tensor, frames_per_visual: torch.Tensor) -> torch.Tensor:
+    def visual_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Per frame, the patch features ``[frames, patches, d]`` at each of ``config.vision_layers``."""
         dtype = next(self.vision_encoder.parameters()).dtype
         out = self.vision_encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-        feats = out.hidden_states[-2]  # penultimate layer, as LLaVA/Crab use the CLIP features
-        if self.config.vision_drop_cls:
-            feats = feats[:, 1:]
-        counts = frames_per_visual.tolist()
-        if sum(counts) != feats.shape[0]:
-            raise ValueError(f"frames_per_visual sums to {sum(counts)} but pixel_values holds {feats.shape[0]} frames")
-        # Each clip's frames are one key sequence for its queries; shorter clips are padded and masked.
-        per_clip = [f.reshape(-1, f.shape[-1]) for f in torch.split(feats, counts)]
-        keys = nn.utils.rnn.pad_sequence(per_clip, batch_first=True)
-        lengths = torch.tensor([c.shape[0] for c in per_clip], device=keys.device)
-        pad_mask = torch.arange(keys.shape[1], device=keys.device)[None] >= lengths[:, None]
-        return self.vision_projector(keys, pad_mask)
+        start = 1 if self.config.vision_drop_cls else 0
+        return [out.hidden_states[i][:, start:] for i in self.config.vision_layers]
+
+    def _visual_tokens(self, pixel_values: torch.Tensor, frames_per_visual: torch.Tensor) -> torch.Tensor:
+        """``[frames, num_queries, d_lm]``: one Q-Former pass per frame on the last selected layer, as Crab."""
+        if int(frames_per_visual.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"frames_per_visual sums to {int(frames_per_visual.sum())} but pixel_values holds "
+                f"{pixel_values.shape[0]} frames"
+            )
+        return self.vision_projector(self.visual_features(pixel_values)[-1])
 
     def _audio_tokens(self, input_features: torch.Tensor) -> torch.Tensor:
         dtype = next(self.audio_encoder.parameters()).dtype
@@ -248,8 +259,9 @@ def build_tiny_modular(seed: int = 0) -> tuple[CrabModularModel, PreTrainedToken
         tokenizer.eos_token_id,
     )
     config = _modular_config(
-        vision, audio, tokenizer, num_queries=4, qformer_layers=2, qformer_hidden=32, qformer_heads=2
-    )
+        vision, audio, tokenizer, num_queries=4, qformer_layers=2, qformer_hidden=32, qformer_heads=2,
+        qformer_intermediate=64, vision_layers=(0, 1),
+    )  # fmt: skip
     return CrabModularModel(vision, audio, lm, config).eval(), tokenizer
 
 
@@ -264,7 +276,8 @@ def _load_vision(path: str, dtype: torch.dtype) -> PreTrainedModel:
 
 def load_modular(
     path: str, dtype: torch.dtype = torch.float32, num_queries: int = 32, qformer_layers: int = 2,
-    qformer_hidden: int = 768, qformer_heads: int = 12,
+    qformer_hidden: int = 768, qformer_heads: int = 12, qformer_intermediate: int = 3072,
+    vision_layers: tuple[int, ...] = (14, 22, 23),
 ) -> tuple[CrabModularModel, PreTrainedTokenizerBase]:  # fmt: skip
     """Components from ``path/vision`` (CLIP or SigLIP), ``path/audio`` (Whisper), ``path/llm`` (causal LM and the
     tokenizer with the interface's special tokens); projectors from ``path/projector.pt`` when present."""
@@ -280,7 +293,8 @@ def load_modular(
         lm.resize_token_embeddings(len(tokenizer))
     config = _modular_config(
         vision, audio, tokenizer, num_queries=num_queries, qformer_layers=qformer_layers,
-        qformer_hidden=qformer_hidden, qformer_heads=qformer_heads,
+        qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_intermediate=qformer_intermediate,
+        vision_layers=tuple(vision_layers),
     )  # fmt: skip
     model = CrabModularModel(vision, audio, lm, config).to(dtype)
     projector = os.path.join(path, "projector.pt")

@@ -146,7 +146,7 @@ def test_grouped_gemm_path_equals_the_expert_loop(T, E, k, shared, widths, seed)
     k = min(k, E)
     w, idx = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
     w.requires_grad_(True)
-    if not F._grouped_mm_fits(x, A, B):
+    if not F.grouped_mm_supported(x, A, B):
         pytest.skip(f"torch {torch.__version__} has no CPU grouped_mm")
     results = []
     for rows in (F._grouped_expert_rows, F._looped_expert_rows):

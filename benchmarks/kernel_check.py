@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **summarize(junit, errors, builds),
         }
     record["device"] = "cuda (compiled)" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"
+    # The pair the use_kernels="auto" gate (ilora/kernels/validated.py) is keyed on.
+    record["gpu_arch"] = "sm_{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
     print(json.dumps({k: record[k] for k in ("device", "counts", "failed", "comparisons")}, indent=1))
     for key, worst in sorted(record["worst_errors"].items()):
         print(f"  {key:>16}: max err {worst['max_err']:.3g} = {worst['share_of_bound']:.0%} of the bound")
@@ -91,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         write_text_new(path, json.dumps(record, indent=1))
         print(f"wrote {path}")
+        if record["gpu_arch"] and proc.returncode == 0:
+            triton = ".".join(str(record["versions"]["triton"]).split(".")[:2])
+            rel = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+            entry = f'Validation("{record["gpu_arch"]}", "{triton}", "{rel}")'
+            print(f"to open use_kernels='auto' on this GPU: add {entry} to kernels/validated.py; commit both")
     return proc.returncode
 
 

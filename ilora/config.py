@@ -84,8 +84,8 @@ class ILoraConfig(PeftConfig):
     use_kernels: KernelChoice = field(
         default="auto",
         metadata={
-            "help": "'auto': Triton kernels on CUDA, PyTorch elsewhere; 'torch': always PyTorch; 'triton': always "
-            "Triton (CPU tensors need TRITON_INTERPRET=1)."
+            "help": "'auto': Triton kernels on GPUs validated in ilora/kernels/validated.py, PyTorch elsewhere; "
+            "'torch': always PyTorch; 'triton': always Triton (CPU tensors need TRITON_INTERPRET=1)."
         },
     )
     bias: str = field(default="none", metadata={"help": "Bias training is not supported; kept for PEFT."})

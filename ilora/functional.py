@@ -14,10 +14,13 @@ modules, PEFT or routers: gates come in already computed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
     "check_expert_shapes",
+    "grouped_mm_supported",
     "per_expert_input_routed_lora",
     "per_row_routed_lora",
     "soft_routed_lora",
@@ -103,11 +106,16 @@ def topk_routed_lora(
     weights: torch.Tensor,
     indices: torch.Tensor,
     scaling: float,
+    base_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sparse routing: token ``t`` goes to experts ``indices[t]`` weighted by ``weights[t]``. Returns ``delta``.
+    """Sparse routing: token ``t`` goes to experts ``indices[t]`` weighted by ``weights[t]``. Returns ``delta``, or
+    ``base_out + delta`` when ``base_out`` is given (the add fused into the scatter of the expert rows).
 
     (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows: two grouped
-    GEMMs on CPU when ``grouped_mm`` takes the operands, else a loop over the non-empty experts.
+    GEMMs where :func:`grouped_mm_supported` holds, else a loop over the non-empty experts (one host sync for the
+    counts). Expert ids are range-checked on the device (``torch._assert_async``), never read back on the host.
+    Rows move with ``index_select`` and an ``index_add`` whose backward keeps only the index (see benchmarks/README
+    "The sparse path on CPU").
     """
     E, _, _, d_out = check_expert_shapes(x, A, B)
     T = x.shape[0]
@@ -115,34 +123,79 @@ def topk_routed_lora(
         raise ValueError(
             f"weights and indices must both be [T={T}, k], got {tuple(weights.shape)} and {tuple(indices.shape)}"
         )
+    if base_out is not None and (base_out.shape != (T, d_out) or base_out.dtype != x.dtype):
+        raise ValueError(f"base_out must be [T={T}, {d_out}] of {x.dtype}, got {tuple(base_out.shape)} "
+                         f"of {base_out.dtype}")  # fmt: skip
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    counts = torch.bincount(flat, minlength=E)
-    if counts.numel() > E:
-        raise ValueError(f"indices reference expert {counts.numel() - 1}, but only {E} experts exist")
+    torch._assert_async(((flat >= 0) & (flat < E)).all(), f"top-k indices must name experts in [0, {E})")
+    counts = flat.new_zeros(E).scatter_add_(0, flat, torch.ones_like(flat))
     order = torch.argsort(flat, stable=True)
     token = order // k
-    w_sorted = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-    expert_rows = _grouped_expert_rows if _grouped_mm_fits(x, A, B) else _looped_expert_rows
+    # Scaling folded into the [T*k] weights rather than applied to a [T, d_out] tensor.
+    w_sorted = (weights.reshape(-1).index_select(0, order).to(x.dtype) * scaling).unsqueeze(-1)
+    expert_rows = _grouped_expert_rows if grouped_mm_supported(x, A, B) else _looped_expert_rows
     y_sorted = expert_rows(x, A, B, token, w_sorted, counts)
-    # Un-sort and sum each token's k rows: autograd keeps only the permutation, where index_add would save the whole
-    # [T*k, d_out] source for its backward.
-    return y_sorted[torch.argsort(order)].view(T, k, d_out).sum(1) * scaling
+    base = x.new_zeros(T, d_out) if base_out is None else base_out
+    return _AddRows.apply(base, token, y_sorted)
 
 
-def _grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` takes these operands: on CPU (CUDA has its own layout and dtype
-    rules, and the Triton kernels there), float32/16-bit, with 16-byte aligned rows, in eager mode (its fake-tensor
-    rule under ``torch.compile`` is CUDA's, bf16 only)."""
-    if getattr(torch.nn.functional, "grouped_mm", None) is None or x.device.type != "cpu":
+class _AddRows(torch.autograd.Function):
+    """``base.index_add(0, index, rows)``, whose backward keeps only ``index``: autograd's own ``index_add`` also
+    saves ``rows`` (a ``[T*k, d_out]`` tensor) for a shape it could take from ``index``."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return base.index_add(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
+
+
+def grouped_mm_supported(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs the top-k GEMMs on these operands without a host sync."""
+    align_ok = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], A.shape[2], B.shape[2]))
+    capability = _cuda_capability(x.device) if x.device.type == "cuda" else None
+    return grouped_mm_takes(
+        x.device.type,
+        capability,
+        {x.dtype, A.dtype, B.dtype},
+        align_ok and A.is_contiguous() and B.is_contiguous(),
+        torch.compiler.is_compiling(),
+    )
+
+
+def grouped_mm_takes(
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtypes: set[torch.dtype],
+    aligned: bool,
+    compiling: bool,
+) -> bool:
+    """The rule behind :func:`grouped_mm_supported`, on plain facts (table-tested for devices this machine lacks).
+
+    - CUDA: bfloat16 operands on sm_90 and newer, where torch runs the grouped GEMM as one kernel on device offsets
+      (torch's doc and meta rule: bf16 only; on older GPUs its fallback copies the offsets to the host).
+    - CPU: float32, bfloat16 or float16, in eager mode (under ``torch.compile`` the fake-tensor rule is CUDA's, bf16
+      only).
+    - Both: one dtype for all operands, rows of 16-byte multiples, contiguous experts (torch's stride rule).
+    """
+    if getattr(torch.nn.functional, "grouped_mm", None) is None or len(dtypes) != 1 or not aligned:
         return False
-    if torch.compiler.is_compiling():
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not A.dtype == B.dtype == x.dtype:
-        return False
-    align = 16 // x.element_size()
-    d_in, r, d_out = x.shape[1], A.shape[2], B.shape[2]
-    return all(n % align == 0 for n in (d_in, r, d_out)) and A.is_contiguous() and B.is_contiguous()
+    (dtype,) = dtypes
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and capability is not None and capability >= (9, 0)
+    if device_type == "cpu":
+        return not compiling and dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return False
+
+
+@functools.cache
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _grouped_expert_rows(
@@ -151,14 +204,15 @@ def _grouped_expert_rows(
     """Every expert's rows in two grouped GEMMs (shrink, expand), no Python loop: ``[T*k, d_out]`` in sorted order."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     grouped_mm = torch.nn.functional.grouped_mm
-    h = (x @ A[0])[token] if A.shape[0] == 1 else grouped_mm(x[token], A, offs=offs)
+    shared = A.shape[0] == 1
+    h = (x @ A[0]).index_select(0, token) if shared else grouped_mm(x.index_select(0, token), A, offs=offs)
     return grouped_mm(h * w_sorted, B, offs=offs)
 
 
 def _looped_expert_rows(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token: torch.Tensor, w_sorted: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
-    """The same rows with a loop over the non-empty experts (any dtype, device and shape)."""
+    """The same rows with a loop over the non-empty experts (any dtype, device and shape; one host sync)."""
     shared_h = x @ A[0] if A.shape[0] == 1 else None
     pieces = []
     start = 0
@@ -166,7 +220,7 @@ def _looped_expert_rows(
         if n == 0:
             continue
         rows = token[start : start + n]
-        h = shared_h[rows] if shared_h is not None else x[rows] @ A[e]
+        h = shared_h.index_select(0, rows) if shared_h is not None else x.index_select(0, rows) @ A[e]
         pieces.append((h * w_sorted[start : start + n]) @ B[e])
         start += n
     return torch.cat(pieces) if pieces else x.new_zeros(0, B.shape[2])

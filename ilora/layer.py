@@ -1,6 +1,6 @@
 """The routed layer: a frozen ``nn.Linear`` plus, per adapter, stacked experts and a router.
 
-The only place that chooses between the PyTorch path (``ilora.functional``) and the Triton kernels.
+The adapter's compute path (PyTorch or Triton, and which op) is chosen and run by ``ilora.paths``.
 """
 
 from __future__ import annotations
@@ -14,20 +14,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import functional as F
 from .config import ILoraConfig
 from .context import STATE, call_state, padding_mask_for
+from .functional import per_expert_input_routed_lora
 from .losses import router_stats
+from .paths import add_routed_lora
 from .quantized import compute_dtype, weight_backend
 from .router import build_router, check_finite, gate
-
-# Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
-PER_ROW_MAX_TOKENS = 64
-# Top-k routing over few, small experts runs the dense kernel with the unselected gates zero: it computes (E - k) * r
-# extra rank per token but needs no sort, no atomics and no fp32 [T, d_out] buffer. By rates alone (an H100/H200's
-# ~600 TFLOP/s of bf16 GEMM against ~4 TB/s for the sparse path's three fp32 [T, d_out] passes) the dense extra stays
-# cheaper up to roughly (E - k) * r = 375; this bound leaves a margin until GPU runs place it.
-DENSE_TOPK_MAX_EXTRA_RANK = 256
 
 
 class MergeNotSupportedError(ValueError):
@@ -219,35 +212,8 @@ class Linear(nn.Module, ILoraLayer):
 
         if config.dropout_per_expert and config.lora_dropout and self.training:
             return result + self._per_expert_dropout_delta(name, x, gates).to(result.dtype).view_as(result)
-        x2 = self.ilora_dropout[name](x).reshape(-1, self.in_features).to(A.dtype)
-        base2 = result.reshape(-1, self.out_features)
-        scaling = self.scaling[name]
-        if self._use_triton(config, x2):
-            from ilora import kernels
-
-            per_row = gates.dense is None and config.top_k == 1 and x2.shape[0] <= PER_ROW_MAX_TOKENS
-            extra_rank = (config.num_experts - config.top_k) * config.r
-            if gates.dense is not None or (not per_row and extra_rank <= DENSE_TOPK_MAX_EXTRA_RANK):
-                dense = gates.to_dense(config.num_experts).to(A.dtype)
-                out = kernels.soft_routed_lora(x2, A, B, dense, scaling, base_out=base2.to(A.dtype))
-            elif per_row:
-                # One expert per row: fold its weight into the row, (w x) A B = w (x A B).
-                w = gates.weights.to(A.dtype)
-                out = kernels.per_row_routed_lora(
-                    x2 * w, A, B, gates.indices[:, 0], scaling, base_out=base2.to(A.dtype)
-                )
-            else:
-                w, idx = gates.weights.to(A.dtype), gates.indices
-                out = kernels.topk_routed_lora(x2, A, B, w, idx, scaling, base_out=base2.to(A.dtype))
-            return out.to(result.dtype).view_as(result)
-        if gates.dense is not None and base2.dtype == A.dtype:
-            out = F.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling, base_out=base2)
-            return out.view_as(result)
-        if gates.dense is not None:
-            delta = F.soft_routed_lora(x2, A, B, gates.dense.to(A.dtype), scaling)
-        else:
-            delta = F.topk_routed_lora(x2, A, B, gates.weights.to(A.dtype), gates.indices, scaling)
-        return result + delta.to(result.dtype).view_as(result)
+        x2 = self.ilora_dropout[name](x).reshape(-1, self.in_features)
+        return add_routed_lora(config, x2, A, B, gates, self.scaling[name], result)
 
     def _per_expert_dropout_delta(self, name: str, x: torch.Tensor, gates: Any) -> torch.Tensor:
         """Crab's layer while training: every expert reads ``x`` through its own dropout mask (its loop calls
@@ -255,23 +221,7 @@ class Linear(nn.Module, ILoraLayer):
         config, A, B = self.ilora_config[name], self.ilora_A[name], self.ilora_B[name]
         xs = x.reshape(-1, 1, self.in_features).to(A.dtype).expand(-1, config.num_experts, -1).contiguous()
         dense = gates.to_dense(config.num_experts).to(A.dtype)
-        return F.per_expert_input_routed_lora(self.ilora_dropout[name](xs), A, B, dense, self.scaling[name])
-
-    @staticmethod
-    def _use_triton(config: ILoraConfig, x: torch.Tensor) -> bool:
-        if config.use_kernels == "torch":
-            return False
-        try:
-            from ilora.kernels import triton_runnable
-        except ImportError:
-            triton_runnable = None
-        runnable = triton_runnable is not None and triton_runnable(x)
-        if config.use_kernels == "triton" and not runnable:
-            raise RuntimeError(
-                f"use_kernels='triton' but Triton cannot run on {x.device} tensors here: install triton "
-                "(pip install 'ilora[triton]'), use a CUDA device, or set TRITON_INTERPRET=1 for CPU tensors"
-            )
-        return runnable and (config.use_kernels == "triton" or x.is_cuda)
+        return per_expert_input_routed_lora(self.ilora_dropout[name](xs), A, B, dense, self.scaling[name])
 
     def __repr__(self) -> str:
         return "ilora." + super().__repr__()

@@ -13,7 +13,7 @@ if __name__ != "ilora.kernels":
     __file__ = None  # type: ignore[assignment]
     __all__: list[str] = []
 else:
-    from .dispatch import triton_runnable
+    from .availability import triton_runnable
     from .per_row import per_row_routed_lora, per_row_routed_lora_ref
     from .soft import soft_routed_lora, soft_routed_lora_ref
     from .topk import topk_routed_lora, topk_routed_lora_ref

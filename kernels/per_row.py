@@ -1,6 +1,6 @@
 """Per-row routed LoRA: one expert per row (task routing, serving), Punica BGMV style for decode-sized batches.
 
-Forward for ``T <= 64`` rows, two kernels:
+Forward for ``T <= PER_ROW_MAX_TOKENS`` (64, ``ilora.paths``) rows, two kernels:
 
 1. shrink: one program per (row, chunk of ``d_in``) computes ``x[t] @ A_{e_t}`` for its chunk; chunks are added
    with fp32 atomics when ``d_in`` spans several (split-K keeps a few decode rows from idling the GPU), else stored;
@@ -18,11 +18,10 @@ import torch
 
 from ..functional import check_expert_shapes
 from ..functional import per_row_routed_lora as _per_row_math
+from ..paths import PER_ROW_MAX_TOKENS
 from . import _utils, topk
 from ._utils import block, interpreting, kernel, sum_combine, tl, triton
-from .dispatch import ensure_runnable
-
-BGMV_MAX_ROWS = 64
+from .availability import ensure_runnable
 
 
 @kernel
@@ -94,7 +93,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     E, r, d_in, d_out = _check(x, A, B, expert_ids)
     T = x.shape[0]
-    if T > BGMV_MAX_ROWS:
+    if T > PER_ROW_MAX_TOKENS:
         return topk.forward(x, A, B, None, expert_ids.unsqueeze(1), scaling, base)
     # An out-of-range id would read another expert's memory: fail (asynchronously on CUDA, without a host sync).
     torch._assert_async(((expert_ids >= 0) & (expert_ids < E)).all(), "expert_ids out of range")

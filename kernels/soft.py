@@ -20,9 +20,9 @@ import torch
 
 from ..functional import check_expert_shapes
 from ..functional import soft_routed_lora as _soft_math
-from . import _utils
-from ._utils import matmul
-from .dispatch import ensure_runnable
+from . import _utils, gemm
+from .availability import ensure_runnable
+from .gemm import matmul
 
 
 def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor) -> tuple[int, int, int, int]:
@@ -37,7 +37,7 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     E, r, _, d_out = _check(x, A, B, gates)
     T = x.shape[0]
-    h = _utils.shrink(x, A)
+    h = gemm.shrink(x, A)
     shared = A.shape[0] == 1
     out = _utils.empty((T, d_out), x.dtype, x.device)
     matmul(
@@ -73,7 +73,7 @@ def _backward(
     dgates = (dhg * h3).sum(-1).to(gates.dtype)
     dh = dhg * g
     dh = (dh.sum(1) if E_A == 1 else dh).reshape(T, E_A * r)
-    dx, dA = _utils.shrink_backward(x, A, dh, x.dtype)
+    dx, dA = gemm.shrink_backward(x, A, dh, x.dtype)
     hg = (h3 * g).reshape(T, E * r)
     dB = _utils.empty(tuple(B.shape), B.dtype, B.device)
     matmul(

@@ -25,9 +25,9 @@ import torch
 
 from ..functional import check_expert_shapes
 from ..functional import topk_routed_lora as _topk_math
-from . import _utils
+from . import _utils, gemm
 from ._utils import block, dot_args, kernel, sum_combine, tile_cap, tl, triton
-from .dispatch import ensure_runnable
+from .availability import ensure_runnable
 
 
 class _Plan(NamedTuple):
@@ -243,7 +243,7 @@ def forward(
     weights = weights.contiguous() if weights is not None else None  # read at pair id t * k + j
     plan = _plan(indices, E)
     if A.shape[0] == 1:
-        h, h_idx = _utils.shrink(x, A), plan.token
+        h, h_idx = gemm.shrink(x, A), plan.token
     else:
         h, h_idx = _utils.empty(_h_shape(x, A, indices), torch.float32, x.device), plan.order
         _scatter_mm(plan, x, plan.token, A, A.stride(), h, plan.order, r, d_in, x.dtype)
@@ -284,7 +284,7 @@ def backward(
     dB = _utils.empty(tuple(B.shape), B.dtype, B.device)
     _grouped_outer(plan, h, h_idx, dy, plan.token, dB, x.dtype, alpha=scaling, scale=weights)
     if shared:
-        dx, dA = _utils.shrink_backward(x, A, dh.view(T, k, r).sum(1), x.dtype)
+        dx, dA = gemm.shrink_backward(x, A, dh.view(T, k, r).sum(1), x.dtype)
         return dx, dA, dB, dw
     dA = _grouped_outer(plan, x, plan.token, dh, plan.order, _utils.empty(tuple(A.shape), A.dtype, A.device), x.dtype)
     A_t = (A.stride(0), A.stride(2), A.stride(1))

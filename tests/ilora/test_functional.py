@@ -146,7 +146,7 @@ def test_grouped_gemm_path_equals_the_expert_loop(T, E, k, shared, widths, seed)
     k = min(k, E)
     w, idx = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
     w.requires_grad_(True)
-    if not F._grouped_mm_fits(x, A, B):
+    if not F.grouped_mm_supported(x, A, B):
         pytest.skip(f"torch {torch.__version__} has no CPU grouped_mm")
     results = []
     for rows in (F._grouped_expert_rows, F._looped_expert_rows):
@@ -156,3 +156,59 @@ def test_grouped_gemm_path_equals_the_expert_loop(T, E, k, shared, widths, seed)
         results.append([out, *_grads(out, x, A, B, w)])
     for got, want in zip(*results):  # float32, the same products summed in a different order
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.booleans())
+def test_topk_with_base_out_fuses_the_residual_add(s: dict, grouped: bool) -> None:
+    if grouped:  # float32 rows of 16-byte multiples: torch's grouped_mm on CPU
+        s = {**s, **{n: -(-s[n] // 4) * 4 for n in ("d_in", "d_out", "r")}}
+    x, A, B, logits = _inputs(s, torch.float32 if grouped else torch.float64)
+    assert F.grouped_mm_supported(x, A, B) is grouped
+    k = min(s["k"], s["E"])
+    weights, indices = torch.softmax(logits, -1).topk(k, -1)
+    dense = torch.zeros_like(logits).scatter(1, indices, weights)
+    base = torch.randn(x.shape[0], B.shape[2], dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    base.requires_grad_(True)
+    fused = F.topk_routed_lora(x, A, B, weights, indices, 0.7, base_out=base)
+    ref = (base + naive_delta(x, A, B, dense, 0.7)).to(x.dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if grouped else {}
+    torch.testing.assert_close(fused, ref, **tol)
+    for a, b in zip(_grads(fused, x, A, B, logits, base), _grads(ref, x, A, B, logits, base)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_topk_refuses_out_of_range_experts_and_a_wrong_base() -> None:
+    x, A, B = torch.randn(4, 8), torch.randn(3, 8, 4), torch.randn(3, 4, 8)
+    w = torch.ones(4, 1)
+    for bad in (3, -1):
+        with pytest.raises(RuntimeError, match=r"top-k indices must name experts in \[0, 3\)"):
+            F.topk_routed_lora(x, A, B, w, torch.tensor([[0], [1], [bad], [2]]), 1.0)
+    with pytest.raises(ValueError, match=r"base_out must be \[T=4, 8\] of torch.float32"):
+        F.topk_routed_lora(x, A, B, w, torch.zeros(4, 1, dtype=torch.long), 1.0, base_out=torch.zeros(4, 8).double())
+
+
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "dtypes", "aligned", "compiling", "takes"),
+    [
+        ("cpu", None, {F32}, True, False, True),
+        ("cpu", None, {BF16}, True, False, True),
+        ("cpu", None, {F16}, True, False, True),
+        ("cpu", None, {F64}, True, False, False),
+        ("cpu", None, {F32, BF16}, True, False, False),  # mixed operands
+        ("cpu", None, {F32}, False, False, False),  # rows not 16-byte multiples
+        ("cpu", None, {F32}, True, True, False),  # under torch.compile the fake rule is CUDA's
+        ("cuda", (9, 0), {BF16}, True, False, True),
+        ("cuda", (10, 0), {BF16}, True, True, True),
+        ("cuda", (8, 0), {BF16}, True, False, False),  # torch's fallback copies the offsets to the host
+        ("cuda", (9, 0), {F32}, True, False, False),
+        ("cuda", (9, 0), {F16}, True, False, False),
+        ("cuda", (9, 0), {BF16}, False, False, False),
+        ("mps", None, {F32}, True, False, False),
+    ],
+)
+def test_grouped_mm_rule(device, capability, dtypes, aligned, compiling, takes) -> None:
+    assert F.grouped_mm_takes(device, capability, dtypes, aligned, compiling) is takes

@@ -55,7 +55,7 @@ def test_non_contiguous_inputs(check, make_inputs, device):
 
 @settings(max_examples=10, deadline=None)
 @given(
-    T=st.integers(1, per_row_mod.BGMV_MAX_ROWS),
+    T=st.integers(1, per_row_mod.PER_ROW_MAX_TOKENS),
     E=st.integers(1, 8),
     **DRAWS,
 )

@@ -23,7 +23,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ilora.kernels import _utils, per_row, per_row_routed_lora, soft_routed_lora, topk, topk_routed_lora
+from ilora.kernels import _utils, gemm, per_row, per_row_routed_lora, soft_routed_lora, topk, topk_routed_lora
 
 from .conftest import DTYPES
 
@@ -142,7 +142,7 @@ def _run_every_op(dtype: torch.dtype) -> None:
         else:
             indices = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
             out = topk_routed_lora(x, A, B, rand(T, k), indices, 2.0, base_out=base)
-            if k == 1 and T <= per_row.BGMV_MAX_ROWS:
+            if k == 1 and T <= per_row.PER_ROW_MAX_TOKENS:
                 out = out + per_row_routed_lora(x, A, B, indices[:, 0], 2.0, base_out=base)
         out.backward(torch.randn(out.shape, generator=g).to(dtype))
 
@@ -176,9 +176,9 @@ def test_every_kernel_is_built(builds):
 def test_autotune_candidates(M, N, K, fp32):
     """The launcher's default tile always competes; larger tiles only where they fit inside the problem; fp32 operands
     keep the default tile (its larger tiles spill, see above)."""
-    configs = _utils._mm_kernel.triton_configs()
+    configs = gemm._mm_kernel.triton_configs()
     dot = triton.language.float32 if fp32 else triton.language.bfloat16
-    kept = _utils._prune_mm_configs(configs, {"M": M, "N": N, "K": K}, DOT=dot)
+    kept = gemm._prune_mm_configs(configs, {"M": M, "N": N, "K": K}, DOT=dot)
     assert kept[0] is configs[0]
     if fp32:
         assert kept == [configs[0]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ilora.kernels import _utils, soft_routed_lora, soft_routed_lora_ref
+from ilora.kernels import gemm, soft_routed_lora, soft_routed_lora_ref
 from ilora.kernels import soft as soft_mod
 
 from .conftest import DRAWS, DTYPES
@@ -97,7 +97,7 @@ def test_rejects_bad_gates(make_inputs, device):
 def test_poison_catches_a_skipped_row(make_inputs, device, monkeypatch):
     """The NaN-filled buffers make a kernel that leaves rows unwritten fail: drop the last row of every GEMM."""
     inputs = _soft_inputs(make_inputs, device, 7, 17, 40, 4, 3, False, torch.float32)
-    real = _utils.matmul
+    real = gemm.matmul
 
     def skip_last_row(a, a_strides, b, b_strides, c, c_strides, M, N, K, **kw):
         return real(a, a_strides, b, b_strides, c, c_strides, M - 1, N, K, **kw)

@@ -1,0 +1,108 @@
+"""No host sync on the PyTorch path's hot loop: a layer's forward and backward read nothing back from the device.
+
+``torch.cuda.set_sync_debug_mode`` works only on CUDA, so on CPU a ``TorchDispatchMode`` counts the ops that read a
+value back (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()``) or whose output size depends on the data
+and so sync on CUDA (``bincount``, ``nonzero``, ...), and ``Tensor.tolist`` is counted by a wrapper. The CUDA runs
+of the same checks are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ilora
+
+aten = torch.ops.aten
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.bincount.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING:
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    counter = SyncCounter()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self):
+        counter.calls["Tensor.tolist"] += 1
+        return real_tolist(self)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "tolist", tolist)
+        with counter:
+            fn()
+    return counter.calls
+
+
+CASES = {
+    "soft_shared_a": dict(num_experts=3, routing="soft"),
+    "soft_per_expert_a": dict(num_experts=4, shared_a=False, routing="soft"),
+    "topk2_per_expert_a": dict(num_experts=8, shared_a=False, routing="topk", top_k=2),  # grouped GEMMs on CPU
+    "top1_shared_a": dict(num_experts=4, routing="topk", top_k=1),
+}
+
+
+def _layer_step(options: dict, device: str, dtype: torch.dtype, check: bool = False, d: int = 16):
+    config = ilora.ILoraConfig(
+        target_modules=["q"], r=8, init_lora_weights=False, use_kernels="torch", check_router_logits=check, **options
+    )
+    layer = ilora.Linear(torch.nn.Linear(d, d), "default", config).to(device=device, dtype=dtype)
+    x = torch.randn(2, 24, d, device=device, dtype=dtype, requires_grad=True)
+
+    def step() -> None:
+        layer(x).square().sum().backward()
+
+    step()  # warm up outside the count (lazy imports, first-call caches)
+    return step
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_step_has_no_host_sync(case: str, monkeypatch) -> None:
+    assert count_syncs(_layer_step(CASES[case], "cpu", torch.float32), monkeypatch) == {}
+
+
+def test_the_counter_sees_the_optional_logit_check_and_the_expert_loop(monkeypatch) -> None:
+    """The two places that may sync do show up: ``check_router_logits`` (opt-in), and the loop over experts where
+    grouped_mm does not take the operands (here float64)."""
+    calls = count_syncs(_layer_step(CASES["soft_shared_a"], "cpu", torch.float32, check=True), monkeypatch)
+    assert calls == {str(aten._local_scalar_dense.default): 1}
+    calls = count_syncs(_layer_step(CASES["topk2_per_expert_a"], "cpu", torch.float64), monkeypatch)
+    assert calls == {"Tensor.tolist": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_layer_step_has_no_host_sync(case: str) -> None:
+    """On CUDA with bf16 (grouped_mm on sm_90 and newer; the soft path everywhere), torch's own sync detector."""
+    options = CASES[case]
+    if options["routing"] == "topk" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch's grouped_mm runs on the device from sm_90; older GPUs take the loop over experts")
+    step = _layer_step(options, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

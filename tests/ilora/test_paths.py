@@ -1,0 +1,110 @@
+"""The compute-path choice (``ilora.paths.select_path``) as a table, the auto gate, and the one-time opt-in log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import ilora
+from ilora import paths
+from ilora.paths import DENSE_TOPK_MAX_EXTRA_RANK as EXTRA
+from ilora.paths import PER_ROW_MAX_TOKENS as ROWS
+from ilora.paths import ComputePath as P
+from ilora.paths import DeviceFacts
+
+CPU = DeviceFacts("cpu", triton_runnable=False)
+CPU_INTERPRETER = DeviceFacts("cpu", triton_runnable=True)
+GPU_NO_TRITON = DeviceFacts("cuda", triton_runnable=False, target="sm_90 with Triton None")
+GPU_UNVALIDATED = DeviceFacts("cuda", triton_runnable=True, triton_validated=False, target="sm_80 with Triton 3.9")
+GPU_VALIDATED = DeviceFacts("cuda", triton_runnable=True, triton_validated=True, target="sm_90 with Triton 3.9")
+
+SOFT = dict(num_experts=3, routing="soft")
+MOE = dict(num_experts=8, r=16, shared_a=False, routing="topk", top_k=2)  # (8 - 2) * 16 = 96 <= EXTRA
+MANY = dict(num_experts=64, r=8, shared_a=False, routing="topk", top_k=4)  # 60 * 8 = 480 > EXTRA
+TOP1 = dict(num_experts=3, r=8, routing="topk", top_k=1)
+TOP1_WIDE = dict(num_experts=64, r=8, routing="topk", top_k=1)  # 63 * 8 > EXTRA
+EDGE = dict(num_experts=EXTRA // 16 + 2, r=16, routing="topk", top_k=2)  # extra rank exactly EXTRA
+PAST_EDGE = dict(num_experts=EXTRA // 16 + 2, r=16, routing="topk", top_k=1)  # extra rank EXTRA + 16
+
+# (use_kernels, routing options, gate kind, tokens, device) -> path, note expected
+TABLE = [
+    ("torch", SOFT, "dense", 2048, GPU_VALIDATED, P.TORCH_SOFT, False),
+    ("torch", MOE, "topk", 2048, GPU_VALIDATED, P.TORCH_TOPK, False),
+    ("auto", SOFT, "dense", 2048, CPU, P.TORCH_SOFT, False),
+    ("auto", MOE, "topk", 16, CPU, P.TORCH_TOPK, False),
+    ("auto", SOFT, "dense", 2048, CPU_INTERPRETER, P.TORCH_SOFT, False),  # the interpreter only on request
+    ("auto", SOFT, "dense", 2048, GPU_NO_TRITON, P.TORCH_SOFT, False),
+    ("auto", SOFT, "dense", 2048, GPU_UNVALIDATED, P.TORCH_SOFT, True),  # the gate: PyTorch, and say how to opt in
+    ("auto", MOE, "topk", 2048, GPU_UNVALIDATED, P.TORCH_TOPK, True),
+    ("auto", TOP1, "topk", 1, GPU_UNVALIDATED, P.TORCH_TOPK, True),
+    ("auto", SOFT, "dense", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),
+    ("auto", MOE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),  # few small experts: dense, zero gates
+    ("auto", MANY, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, False),
+    ("auto", TOP1, "topk", 1, GPU_VALIDATED, P.TRITON_PER_ROW, False),
+    ("auto", TOP1, "topk", ROWS, GPU_VALIDATED, P.TRITON_PER_ROW, False),  # the decode bound is inclusive
+    ("auto", TOP1, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_DENSE, False),
+    ("auto", TOP1_WIDE, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_SORTED, False),
+    ("auto", MOE, "topk", 1, GPU_VALIDATED, P.TRITON_DENSE, False),  # per-row is top-1 only
+    ("auto", EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),  # the extra-rank bound is inclusive
+    ("auto", PAST_EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, False),
+    ("triton", SOFT, "dense", 2048, GPU_UNVALIDATED, P.TRITON_DENSE, False),  # opting in skips the gate
+    ("triton", MANY, "topk", 2048, GPU_UNVALIDATED, P.TRITON_SORTED, False),
+    ("triton", TOP1, "topk", 8, CPU_INTERPRETER, P.TRITON_PER_ROW, False),
+    ("triton", MOE, "topk", 2048, CPU_INTERPRETER, P.TRITON_DENSE, False),
+]
+
+
+def _config(use_kernels: str, options: dict) -> ilora.ILoraConfig:
+    return ilora.ILoraConfig(target_modules=["q"], use_kernels=use_kernels, **{"r": 8, **options})
+
+
+@pytest.mark.parametrize(("use_kernels", "options", "kind", "tokens", "device", "path", "note"), TABLE)
+def test_select_path(use_kernels, options, kind, tokens, device, path, note) -> None:
+    choice = paths.select_path(_config(use_kernels, options), kind, tokens, device)
+    assert choice.path is path
+    assert (choice.note is not None) == note
+    if note:
+        assert device.target in choice.note and "use_kernels='triton'" in choice.note
+        assert "python -m benchmarks.kernel_check" in choice.note
+
+
+@pytest.mark.parametrize("device", [CPU, GPU_NO_TRITON])
+def test_triton_on_request_fails_where_it_cannot_run(device: DeviceFacts) -> None:
+    with pytest.raises(RuntimeError, match=f"Triton cannot run on {device.type} tensors"):
+        paths.select_path(_config("triton", SOFT), "dense", 16, device)
+
+
+def test_unknown_gate_kind_is_named() -> None:
+    with pytest.raises(ValueError, match="gates_kind must be 'dense' or 'topk', got 'sparse'"):
+        paths.select_path(_config("auto", SOFT), "sparse", 16, CPU)
+
+
+def test_the_per_row_kernel_shares_the_decode_bound() -> None:
+    pytest.importorskip("triton")
+    from ilora.kernels import per_row
+
+    assert per_row.PER_ROW_MAX_TOKENS is paths.PER_ROW_MAX_TOKENS
+
+
+def test_auto_on_an_unvalidated_gpu_runs_torch_and_logs_once(monkeypatch, caplog) -> None:
+    """The layer under ``auto`` on a GPU the gate refuses: the PyTorch op runs, one log line says how to opt in."""
+    monkeypatch.setattr(paths, "device_facts", lambda x: GPU_UNVALIDATED)
+    monkeypatch.setattr(paths, "_logged", set())
+    ran = []
+    real = paths.functional.soft_routed_lora
+    monkeypatch.setattr(paths.functional, "soft_routed_lora", lambda *a, **k: ran.append(1) or real(*a, **k))
+    layer = ilora.Linear(torch.nn.Linear(8, 6), "default", _config("auto", SOFT))
+    with caplog.at_level(logging.WARNING, logger="ilora.paths"):
+        for _ in range(3):
+            layer(torch.randn(4, 8))
+    assert len(ran) == 3
+    notes = [r.getMessage() for r in caplog.records if r.name == "ilora.paths"]
+    assert len(notes) == 1 and "not validated on sm_80 with Triton 3.9" in notes[0]
+
+
+def test_device_facts_on_cpu(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    facts = paths.device_facts(torch.zeros(1))
+    assert facts == DeviceFacts("cpu", triton_runnable=False)

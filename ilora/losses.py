@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .router import Gates
+from .router import Gates, no_autocast
 
 
 def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,17 +27,18 @@ def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None =
     if keep is not None:
         logits = logits[keep]
         indices = None if indices is None else indices[keep]
-    logits = logits.float()
-    num_experts = logits.shape[-1]
-    prob_sum = torch.softmax(logits, dim=-1).sum(0)
-    tokens = logits.new_tensor([float(logits.shape[0])])
-    if indices is None:
-        share_sum, share_count = prob_sum, tokens
-    else:
-        share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
-        share_count = logits.new_tensor([float(indices.numel())])
-    lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
-    return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
+    with no_autocast(logits.device):
+        logits = logits.float()
+        num_experts = logits.shape[-1]
+        prob_sum = torch.softmax(logits, dim=-1).sum(0)
+        tokens = logits.new_tensor([float(logits.shape[0])])
+        if indices is None:
+            share_sum, share_count = prob_sum, tokens
+        else:
+            share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
+            share_count = logits.new_tensor([float(indices.numel())])
+        lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
+        return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
 
 
 def balance_from_stats(stats: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import STATE, call_state
+from .context import current_call
 
 
 def routing_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -73,13 +73,14 @@ class SequenceRouter(TokenRouter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             return super().forward(x)
-        key = id(self)
-        cached = STATE.sequence_gates.get(key)
+        state = current_call()
+        kept = state.sequence_gates if state.sequence_gates is not None else {}
+        cached = kept.get(id(self))
         batch, seq = x.shape[0], math.prod(x.shape[1:-1])
-        if STATE.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
+        if state.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
             return cached.repeat_interleave(seq, dim=0)
         xs = x.reshape(batch, seq, x.shape[-1]).to(routing_dtype(x, self.weight))
-        mask = call_state()[1]
+        mask = state.attention_mask
         with no_autocast(x.device):
             if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
                 m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
@@ -87,7 +88,7 @@ class SequenceRouter(TokenRouter):
             else:
                 pooled = xs.mean(1)
         logits = routing_linear(pooled, self.weight)
-        STATE.sequence_gates[key] = logits.detach()
+        kept[id(self)] = logits.detach()
         return logits.repeat_interleave(seq, dim=0)
 
 
@@ -104,7 +105,7 @@ class TaskRouter(nn.Module):
         nn.init.normal_(self.weight, std=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = call_state()[0]
+        ids = current_call().task_ids
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "

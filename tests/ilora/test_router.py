@@ -13,6 +13,13 @@ from ilora import Linear
 from ilora.router import SequenceRouter, TaskRouter, TokenRouter, gate
 
 HALF = (torch.bfloat16, torch.float16)
+# On CUDA the layer takes the Triton path (use_kernels="auto"): the router runs before the path is chosen.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+    ),
+]
 
 
 def _topk_layer(d_in: int = 256, d_out: int = 64, dtype: torch.dtype = torch.float32, **config) -> Linear:
@@ -23,15 +30,16 @@ def _topk_layer(d_in: int = 256, d_out: int = 64, dtype: torch.dtype = torch.flo
     return layer
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_topk_router_under_bf16_autocast_chooses_the_float32_experts(seed: int) -> None:
+def test_topk_router_under_bf16_autocast_chooses_the_float32_experts(seed: int, device: str) -> None:
     # 8 experts, top-2, inputs randn * 4: bf16 logits pick another top-2 set for 9 to 15 of the 4096 tokens.
-    layer = _topk_layer()
-    x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(seed)) * 4
+    layer = _topk_layer().to(device)
+    x = (torch.randn(4096, 256, generator=torch.Generator().manual_seed(seed)) * 4).to(device)
     weight = layer.ilora_router["default"].weight
     with torch.no_grad():
-        expected = gate(nn.functional.linear(x, weight), "topk", 2, 1.0).to_dense(8)
-        with torch.autocast("cpu", dtype=torch.bfloat16), ilora.record_routing() as rec:
+        expected = gate(nn.functional.linear(x, weight), "topk", 2, 1.0).to_dense(8).cpu()
+        with torch.autocast(device, dtype=torch.bfloat16), ilora.record_routing() as rec:
             out = layer(x)
     assert out.dtype == torch.bfloat16  # the layer itself still runs under autocast
     (got,) = rec.weights["layer"]
@@ -39,10 +47,11 @@ def test_topk_router_under_bf16_autocast_chooses_the_float32_experts(seed: int) 
     torch.testing.assert_close(got, expected, rtol=1.3e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("base_dtype", [torch.float16, torch.float32])
-def test_fp16_adapter_router_does_not_overflow(base_dtype: torch.dtype) -> None:
+def test_fp16_adapter_router_does_not_overflow(base_dtype: torch.dtype, device: str) -> None:
     # A token whose float32 logit is 76800 (> 65504, fp16's largest) must route, not become inf and raise.
-    layer = _topk_layer(dtype=base_dtype)
+    layer = _topk_layer(dtype=base_dtype).to(device)
     for p in layer.ilora_A.values():
         p.data = p.data.half()
     for p in layer.ilora_B.values():
@@ -52,12 +61,12 @@ def test_fp16_adapter_router_does_not_overflow(base_dtype: torch.dtype) -> None:
     with torch.no_grad():
         router.weight.zero_()
         router.weight[3] = 1.0
-    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(base_dtype)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(device, base_dtype)
     x[2] = 300.0
     with torch.no_grad(), ilora.record_routing() as rec:
         out = layer(x)
     assert torch.isfinite(out).all()
-    expected = gate(nn.functional.linear(x.float(), router.weight.float()), "topk", 2, 1.0).to_dense(8)
+    expected = gate(nn.functional.linear(x.float(), router.weight.float()), "topk", 2, 1.0).to_dense(8).cpu()
     assert expected[2, 3] == 1.0
     torch.testing.assert_close(rec.weights["layer"][0], expected, rtol=1.3e-6, atol=1e-6)
 

@@ -191,6 +191,44 @@ def test_two_models_two_threads_with_their_own_masks_task_ids_and_recorders() ->
         assert torch.equal(got_usage[name], expected_usage[name])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@torch.no_grad()
+def test_cached_decode_steps_keep_the_prompts_sequence_routing(use_cache: bool) -> None:
+    pm = make("soft_sequence", kind="qwen2").eval()
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(7))
+    with ilora.record_routing() as rec:
+        pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                    use_cache=use_cache)  # fmt: skip
+    for name, (prompt, *steps) in rec.weights.items():
+        assert len(steps) == 2, name
+        decided = prompt[[0, 5]]  # one decision per sequence, repeated over its 5 tokens
+        for step in steps:
+            length = step.shape[0] // 2  # 1 with the cache, the whole grown sequence without
+            kept = torch.equal(step[[0, length]], decided)
+            assert kept == use_cache, name  # uncached decoding re-pools the grown sequence
+
+
+@torch.no_grad()
+def test_cached_generation_in_two_threads_keeps_each_prompts_sequence_routing() -> None:
+    # Sequence routing decides on the prompt and keeps that decision for the decode steps: per generation.
+    pm = make("soft_sequence", kind="qwen2").eval()
+    prompts = [torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+
+    def generate(ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with torch.no_grad():
+                return torch.stack(pm.generate(input_ids=ids, **kwargs).scores)
+
+        return fn
+
+    expected = [generate(ids)() for ids in prompts]
+    got = run_in_threads([generate(ids) for ids in prompts], first_decoder_layer(pm))
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
 # ------------------------------------------------------------------------------- checkpoint recomputation state
 def _grads(pm: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
     params = [p for p in pm.parameters() if p.requires_grad]

@@ -3,11 +3,14 @@ share state, and generate takes task ids however the model was wrapped."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model
 from torch import nn
 
@@ -75,23 +78,42 @@ def first_decoder_layer(pm: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ padding
-@torch.no_grad()
-def test_recorder_and_usage_leave_padding_out() -> None:
-    # 2 x 8 tokens, the second row padded after 3: 11 real tokens, recorded as the two sequences run unpadded are.
-    pm = make("topk_token").eval()
-    ids, mask = right_padded((8, 3))
-    with ilora.record_routing() as padded:
+def assert_recorded_as_unpadded(pm: nn.Module, lengths: tuple[int, ...], width: int, seed: int = 0) -> None:
+    """Routing recorded on a right-padded batch equals that of its sequences run one by one, unpadded."""
+    ids, mask = right_padded(lengths, width, seed)
+    with torch.no_grad(), ilora.record_routing() as padded:
         pm(input_ids=ids, attention_mask=mask)
-    with ilora.record_routing() as alone:
-        pm(input_ids=ids[:1])
-        pm(input_ids=ids[1:, :3])
+    with torch.no_grad(), ilora.record_routing() as alone:
+        for row, length in enumerate(lengths):
+            pm(input_ids=ids[row : row + 1, :length])
     assert padded.weights.keys() == alone.weights.keys() and len(padded.weights) == 10
     for name, (weights,) in padded.weights.items():
-        assert weights.shape == (11, 4), name
+        assert weights.shape[0] == sum(lengths), name
         torch.testing.assert_close(weights, torch.cat(alone.weights[name]), atol=2e-6, rtol=1e-5)
     usage, expected = padded.usage(), alone.usage()
     for name in expected:
         torch.testing.assert_close(usage[name], expected[name], atol=2e-6, rtol=1e-5)
+
+
+def test_recorder_and_usage_leave_padding_out() -> None:
+    # 2 x 8 tokens, the second row padded after 3: 11 real tokens (16 were recorded).
+    assert_recorded_as_unpadded(make("topk_token").eval(), (8, 3), 8)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple),
+    extra=st.integers(0, 3),
+    setting=st.sampled_from(["topk_token", "soft_sequence"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_right_padding_records_as_unpadded(lengths: tuple[int, ...], extra: int, setting: str, seed: int) -> None:
+    assert_recorded_as_unpadded(_eval_model(setting), lengths, max(lengths) + extra, seed)
+
+
+@functools.cache
+def _eval_model(setting: str) -> nn.Module:
+    return make(setting).eval()
 
 
 def test_checkpoint_recomputation_is_not_recorded_twice() -> None:

@@ -1,31 +1,49 @@
-"""Per-forward routing state: task ids, the attention mask, and the opt-in routing recorder.
+"""Per-call routing state: task ids, the attention mask, the routing recorder and a generation's sequence gates.
 
 Routed layers sit deep inside models whose code we do not own, so what a router needs besides its input (task ids,
-which tokens are padding) reaches them through this module-level state, set for the duration of one call.
+which tokens are padding) reaches them as the state of the call being computed. It lives in context variables
+(``contextvars``; the per-call idea of PEFT's ``_enable_peft_forward_hooks``): every thread and every asyncio task
+sees only the state of its own calls, so two models, or one model, served from several threads never read each
+other's task ids, masks or recorder. A thread started inside a call does not inherit it (pass ``ilora_task_ids=`` to
+the call made there, or run it in ``contextvars.copy_context()``).
+
+Activation checkpointing recomputes a training forward during backward, possibly on another thread (autograd's device
+threads). ``bind_for_backward`` ties the forward's state to the backward passes that reach its outputs; while such a
+pass runs, ``current_call()`` returns that state, whatever thread asks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
 class RoutingRecorder:
-    """Routing weights per layer, gathered while ``record_routing`` is active.
+    """Routing weights per layer, gathered while ``record_routing`` is active in this thread or task.
 
     ``weights[layer_name]`` is a list (one entry per forward) of dense ``[tokens, num_experts]`` float32 CPU tensors
-    (top-k routing is scattered back to dense, zeros for unselected experts).
+    (top-k routing is scattered back to dense, zeros for unselected experts). Padding tokens (attention mask 0) are
+    left out: ``tokens`` counts the call's real tokens, batch-major. Recomputation under activation checkpointing is
+    not recorded again.
     """
 
     weights: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, layer_name: str, gates: torch.Tensor) -> None:
-        self.weights[layer_name].append(gates.detach().float().cpu())
+    def add(self, layer_name: str, gates: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Record ``gates [T, E]``, only the rows where ``keep`` (bool ``[T]``) is true when given."""
+        with torch.no_grad():
+            kept = gates if keep is None else gates[keep]
+            self.weights[layer_name].append(kept.float().cpu())
 
     def usage(self, group: torch.distributed.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
         """Mean routing weight per expert for each layer, over every recorded token (of every rank of ``group``,
@@ -51,43 +69,154 @@ class RoutingRecorder:
         return {n: s / c for n, s, c in zip(names, sums, counts, strict=True)}
 
 
-@dataclass
-class _State:
+@dataclass(frozen=True)
+class CallState:
+    """The routing state of one call: ``task_ids [batch]`` (or one id), ``attention_mask [batch, seq]``.
+
+    ``sequence_gates`` maps a sequence router to the logits it chose on a generation's prompt; ``reuse_sequence_gates``
+    is set on cached decode steps, which keep them. ``module`` is the model whose call set this state and ``parent``
+    the state to restore when that call returns.
+    """
+
     task_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
-    recorder: RoutingRecorder | None = None
-    # Sequence routing during cached generation: the decision made on the prompt is kept for the decode steps.
+    sequence_gates: dict[int, torch.Tensor] | None = None
     reuse_sequence_gates: bool = False
-    sequence_gates: dict[int, torch.Tensor] = field(default_factory=dict)
-    # The last training forward's (task_ids, attention_mask), for its recomputation during backward.
-    recompute: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    module: nn.Module | None = None
+    parent: CallState | None = None
 
 
-STATE = _State()
+# The default is frozen and holds no container: nothing can mutate it.
+_CALL: ContextVar[CallState] = ContextVar("ilora_call", default=CallState())  # noqa: B039
+_RECORDER: ContextVar[RoutingRecorder | None] = ContextVar("ilora_recorder", default=None)
+# The sequence gates of the generation running in this thread or task: set on its prompt, read by its decode steps.
+_GENERATION: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("ilora_generation", default=None)
+
+# Backward passes (graph task ids) -> the state of the training forward they recompute; _CONFLICT when one pass
+# reaches several forwards with different states.
+_BOUND: dict[int, CallState | None] = {}
+_BOUND_LOCK = threading.Lock()
+_CONFLICT = None
+_MISSING: Any = object()
+
+
+def current_call() -> CallState:
+    """The routing state of the call being computed.
+
+    Inside a backward pass that reaches a bound training forward (see ``bind_for_backward``), that is activation
+    checkpointing recomputing the forward: it sees the forward's state, on whatever thread, not the caller's now.
+    """
+    if not _BOUND:
+        return _CALL.get()
+    state = _BOUND.get(torch._C._current_graph_task_id(), _MISSING)
+    if state is _MISSING:
+        return _CALL.get()
+    if state is _CONFLICT:
+        raise RuntimeError(
+            "one backward pass recomputes (activation checkpointing) several training forwards that were given "
+            "different task ids or attention masks, so which one a recomputed layer belongs to is unknown: call "
+            "backward after each forward (as training loops and gradient accumulation do), or disable checkpointing"
+        )
+    return state
 
 
 def call_state() -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(task_ids, attention_mask)`` of the call being computed.
+    """``(task_ids, attention_mask)`` of the call being computed (see ``current_call``)."""
+    state = current_call()
+    return state.task_ids, state.attention_mask
 
-    Inside backward that is activation checkpointing recomputing a training forward: it must see that forward's
-    state, not whatever the caller's is now, or the recomputed routing (and the saved tensors) would differ. It is
-    the *last* training forward's state: with checkpointing, run backward after each forward (as training loops
-    and gradient accumulation do), not once after several forwards with different masks or task ids.
-    """
-    if STATE.recompute is not None and torch._C._current_graph_task_id() != -1:
-        return STATE.recompute
-    return STATE.task_ids, STATE.attention_mask
+
+def recomputing() -> bool:
+    """True while autograd runs a backward pass: a forward run now is activation checkpointing recomputing one."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def current_recorder() -> RoutingRecorder | None:
+    """The recorder of ``record_routing`` active in this thread or task, if any."""
+    return _RECORDER.get()
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b)))
+
+
+def _bind(state: CallState, grad: torch.Tensor) -> None:
+    gid = torch._C._current_graph_task_id()
+    with _BOUND_LOCK:
+        if gid not in _BOUND:
+            _BOUND[gid] = state
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_unbind, gid))
+            return
+        bound = _BOUND[gid]
+    if bound is _CONFLICT or bound is state:
+        return
+    if not (_same(bound.task_ids, state.task_ids) and _same(bound.attention_mask, state.attention_mask)):
+        with _BOUND_LOCK:
+            _BOUND[gid] = _CONFLICT
+
+
+def _unbind(gid: int) -> None:
+    with _BOUND_LOCK:
+        _BOUND.pop(gid, None)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def bind_for_backward(outputs: Any, state: CallState | None = None) -> None:
+    """Let every backward pass that reaches a tensor of ``outputs`` (tensors, nested in dicts, lists, tuples, model
+    outputs) see ``state`` (default: the current call's) while it recomputes checkpointed layers."""
+    hook = functools.partial(_bind, current_call() if state is None else state)
+    for t in _tensors(outputs):
+        if t.requires_grad:
+            t.register_hook(hook)
 
 
 # The forward keyword that carries task ids into a model wrapped by PEFT (``model(**batch, ilora_task_ids=ids)``).
 TASK_IDS_KWARG = "ilora_task_ids"
 
 
-def _as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
+def as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
+    """Task ids as a 1-D int64 tensor; ``TypeError`` for anything but integers."""
     t = torch.as_tensor(task_ids)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"task_ids must be integers, got dtype {t.dtype}")
     return t.reshape(-1).long()
+
+
+def enter_call(module: nn.Module, task_ids: Any = None, attention_mask: Any = None, decoding: bool = False) -> None:
+    """Start a call of ``module``: its task ids and mask (inherited from the enclosing call when not given); a call
+    that is not a cached decode step starts a new generation's sequence gates. End it with ``exit_call``."""
+    ids = None if task_ids is None else as_task_tensor(task_ids)
+    outer = _CALL.get()
+    gates = _GENERATION.get() if decoding else None
+    if gates is None:
+        gates = {}
+        _GENERATION.set(gates)
+    _CALL.set(CallState(
+        task_ids=outer.task_ids if ids is None else ids,
+        attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
+        sequence_gates=gates, reuse_sequence_gates=decoding, module=module, parent=outer,
+    ))  # fmt: skip
+
+
+def exit_call(module: nn.Module) -> CallState | None:
+    """End the call of ``module`` started by ``enter_call`` and return its state (None if it never started)."""
+    state = _CALL.get()
+    if state.module is not module or state.parent is None:
+        return None
+    _CALL.set(state.parent)
+    return state
 
 
 def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
@@ -103,27 +232,30 @@ def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
 def routing_context(
     task_ids: int | torch.Tensor | list[int] | None = None, attention_mask: torch.Tensor | None = None
 ) -> Iterator[None]:
-    """Give every routed layer the task ids (``[batch]`` or one int for all) and/or attention mask of one call.
+    """Give every routed layer the task ids (``[batch]`` or one int for all) and/or attention mask of the calls made
+    inside, in this thread or task only.
 
-    Use it around ``model.generate(...)`` or any call that cannot take a ``task_ids=`` keyword.
+    Use it around ``model.generate(...)`` or any call that cannot take an ``ilora_task_ids=`` keyword.
     """
-    previous = (STATE.task_ids, STATE.attention_mask)
-    if task_ids is not None:
-        STATE.task_ids = _as_task_tensor(task_ids)
-    if attention_mask is not None:
-        STATE.attention_mask = attention_mask
+    outer = _CALL.get()
+    token = _CALL.set(CallState(
+        task_ids=outer.task_ids if task_ids is None else as_task_tensor(task_ids),
+        attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
+        sequence_gates=outer.sequence_gates, reuse_sequence_gates=outer.reuse_sequence_gates,
+        module=outer.module, parent=outer.parent,
+    ))  # fmt: skip
     try:
         yield
     finally:
-        STATE.task_ids, STATE.attention_mask = previous
+        _CALL.reset(token)
 
 
 @contextlib.contextmanager
 def record_routing() -> Iterator[RoutingRecorder]:
-    """Record every routed layer's routing weights while active; no cost when not used."""
-    previous = STATE.recorder
-    STATE.recorder = RoutingRecorder()
+    """Record every routed layer's routing weights while active, in this thread or task; no cost when not used."""
+    recorder = RoutingRecorder()
+    token = _RECORDER.set(recorder)
     try:
-        yield STATE.recorder
+        yield recorder
     finally:
-        STATE.recorder = previous
+        _RECORDER.reset(token)

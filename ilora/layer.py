@@ -15,12 +15,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import ILoraConfig
-from .context import STATE, call_state, padding_mask_for
+from .context import bind_for_backward, call_state, current_recorder, padding_mask_for, recomputing
 from .functional import per_expert_input_routed_lora
 from .losses import router_stats
 from .paths import add_routed_lora
 from .quantized import compute_dtype, weight_backend
-from .router import build_router, check_finite, gate
+from .router import Gates, build_router, check_finite, gate
 
 
 class MergeNotSupportedError(ValueError):
@@ -49,7 +49,8 @@ class ILoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._merged: dict[str, _Merged] = {}
-        self._aux: dict[str, torch.Tensor] = {}  # router statistics of the last training forward
+        # Router statistics of the last training forward per adapter (``losses.router_stats``), read by ``aux_loss``.
+        self.aux_stats: dict[str, torch.Tensor] = {}
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
 
     def update_layer(self, adapter_name: str, config: ILoraConfig) -> None:
@@ -196,6 +197,27 @@ class Linear(nn.Module, ILoraLayer):
                 result = self._add_adapter(name, x, result)
         return result
 
+    def _record_routing(self, name: str, x: torch.Tensor, logits: torch.Tensor, gates: Gates) -> None:
+        """Hand this call's routing, padding left out, to the recorder and (training) to ``aux_loss``.
+
+        A checkpointed forward recomputed in backward is neither recorded nor stored again, but computes the same
+        statistics: non-reentrant checkpointing matches the tensors saved by both runs in order.
+        """
+        config = self.ilora_config[name]
+        recorder, again = current_recorder(), recomputing()
+        wants_stats = self.training and bool(config.balance_loss_coef or config.router_z_loss_coef)
+        keep = padding_mask_for(x) if wants_stats or recorder is not None else None
+        if recorder is not None and not again:
+            with torch.no_grad():
+                recorder.add(self.ilora_name, gates.to_dense(config.num_experts), keep)
+        if wants_stats:
+            stats = router_stats(logits, gates, keep)
+            if not again:
+                self.aux_stats[name] = stats
+                bind_for_backward(stats)
+        elif not again:
+            self.aux_stats.pop(name, None)
+
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         config = self.ilora_config[name]
         A, B = self.ilora_A[name], self.ilora_B[name]
@@ -203,12 +225,7 @@ class Linear(nn.Module, ILoraLayer):
         if config.check_router_logits and not torch.compiler.is_compiling():
             check_finite(logits, self.ilora_name)
         gates = gate(logits, config.routing, config.top_k, config.router_temperature)
-        if STATE.recorder is not None:
-            STATE.recorder.add(self.ilora_name, gates.to_dense(config.num_experts))
-        if self.training and (config.balance_loss_coef or config.router_z_loss_coef):
-            self._aux[name] = router_stats(logits, gates, padding_mask_for(x))
-        else:
-            self._aux.pop(name, None)
+        self._record_routing(name, x, logits, gates)
 
         if config.dropout_per_expert and config.lora_dropout and self.training:
             return result + self._per_expert_dropout_delta(name, x, gates).to(result.dtype).view_as(result)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .router import Gates
+from .router import Gates, no_autocast
 
 
 def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,17 +27,18 @@ def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None =
     if keep is not None:
         logits = logits[keep]
         indices = None if indices is None else indices[keep]
-    logits = logits.float()
-    num_experts = logits.shape[-1]
-    prob_sum = torch.softmax(logits, dim=-1).sum(0)
-    tokens = logits.new_tensor([float(logits.shape[0])])
-    if indices is None:
-        share_sum, share_count = prob_sum, tokens
-    else:
-        share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
-        share_count = logits.new_tensor([float(indices.numel())])
-    lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
-    return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
+    with no_autocast(logits.device):
+        logits = logits.float()
+        num_experts = logits.shape[-1]
+        prob_sum = torch.softmax(logits, dim=-1).sum(0)
+        tokens = logits.new_tensor([float(logits.shape[0])])
+        if indices is None:
+            share_sum, share_count = prob_sum, tokens
+        else:
+            share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
+            share_count = logits.new_tensor([float(indices.numel())])
+        lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
+        return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
 
 
 def balance_from_stats(stats: torch.Tensor) -> torch.Tensor:
@@ -91,12 +92,30 @@ def _all_reduce_stats(
     return list(flat.split([s.numel() for s in stats]))
 
 
+def _check_trainable(layer: nn.Module, name: str, stats: torch.Tensor) -> None:
+    # Statistics without a graph while a router trains: adding the loss would silently leave routers untrained.
+    router_trains = any(p.requires_grad for p in layer.ilora_router[name].parameters())
+    if torch.is_grad_enabled() and router_trains and not stats.requires_grad:
+        raise RuntimeError(
+            f"aux_loss: the router statistics of {layer.ilora_name or 'an ilora layer'} (adapter {name!r}) were "
+            "computed without autograd, so the auxiliary losses cannot train the routers. The training forward ran "
+            "under torch.no_grad() or under reentrant activation checkpointing (use_reentrant=True), which runs "
+            "layers without a graph: enable checkpointing with use_reentrant=False, e.g. "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); to only "
+            "read the value, call aux_loss under torch.no_grad()"
+        )
+
+
 def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """The weighted auxiliary router losses of the last training forward of ``model`` (0 when none are set).
 
     ``group`` (e.g. ``torch.distributed.group.WORLD``): compute the losses over the batch of every rank of the group,
     with one all-reduce; every rank must call it, and the gradients must then be averaged over the group (as DDP,
-    FSDP and DeepSpeed do). Without it, each rank's loss covers its own tokens.
+    FSDP and DeepSpeed do). Without it, each rank's loss covers its own tokens. Padding tokens never count.
+
+    Raises ``RuntimeError`` when called with autograd enabled after a training forward that ran without a graph
+    (reentrant activation checkpointing, ``use_reentrant=True``, or ``torch.no_grad()``): the loss could not train
+    the routers. Under ``torch.no_grad()`` it returns the value.
     """
     from .layer import ILoraLayer
 
@@ -104,10 +123,11 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
     stats: list[torch.Tensor] = []
     layers = 0
     for module in model.modules():
-        if not isinstance(module, ILoraLayer) or not module._aux:
+        if not isinstance(module, ILoraLayer) or not module.aux_stats:
             continue
         layers += 1
-        for name, layer_stats in module._aux.items():
+        for name, layer_stats in module.aux_stats.items():
+            _check_trainable(module, name, layer_stats)
             config = module.ilora_config[name]
             entries.append((config.balance_loss_coef, config.router_z_loss_coef))
             stats.append(layer_stats)

@@ -15,9 +15,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper, _get_submodules
 from torch import nn
 
+from . import context
 from ._peft import PREFIX
 from .config import ILoraConfig
-from .context import STATE, TASK_IDS_KWARG, _as_task_tensor, routing_context
+from .context import TASK_IDS_KWARG, routing_context
 from .layer import ILoraLayer, Linear, MergeNotSupportedError
 
 
@@ -32,6 +33,20 @@ def _cache_length(past_key_values: Any) -> int:
         return 0
 
 
+class _InstanceAttribute:
+    """Sets ``obj.name = value`` until ``remove()`` (a hook handle's interface), restoring what was there before."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name, self.previous = obj, name, obj.__dict__.get(name)
+        object.__setattr__(obj, name, value)
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            object.__setattr__(self.obj, self.name, self.previous)
+
+
 class ILoraModel(BaseTuner):
     """Injects ILoRA layers into a model; created by ``peft.get_peft_model`` once ``ilora`` is imported."""
 
@@ -41,11 +56,15 @@ class ILoraModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
-        self._state_stack: list[tuple[Any, Any]] = []
-        self._hooks = [
+        self._hooks: list[Any] = [
             self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True),
             self.model.register_forward_hook(self._release_call_state, always_call=True),
         ]
+        # PEFT's generic PeftModel (no task_type) calls the wrapped model's own generate, which refuses keywords
+        # its forward does not declare: route that call through ours, which takes ilora_task_ids off first.
+        self._model_generate = getattr(self.model, "generate", None)
+        if callable(self._model_generate):
+            self._hooks.append(_InstanceAttribute(self.model, "generate", self.generate))
 
     def __getattr__(self, name: str) -> Any:
         # PEFT 0.15's BaseTuner does not forward unknown attributes (prepare_inputs_for_generation, config) to
@@ -63,29 +82,30 @@ class ILoraModel(BaseTuner):
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, ilora_task_ids: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``, with ``ilora_task_ids`` (``[batch]`` or one id) routing every step."""
+        if self._model_generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate method")
         with routing_context(task_ids=ilora_task_ids) if ilora_task_ids is not None else nullcontext():
-            return self.model.generate(*args, **kwargs)
+            return self._model_generate(*args, **kwargs)
 
     def _capture_call_state(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        # Task ids arrive as the keyword TASK_IDS_KWARG (PEFT's task-specific models keep `task_ids` for their own
-        # prompt methods); sequence routers need this call's attention mask; decode steps reuse the prompt's routing.
-        self._state_stack.append((STATE.task_ids, STATE.attention_mask))
-        task_ids = kwargs.pop(TASK_IDS_KWARG, None)
-        if task_ids is not None:
-            STATE.task_ids = _as_task_tensor(task_ids)
-        if kwargs.get("attention_mask") is not None:
-            STATE.attention_mask = kwargs["attention_mask"]
-        decoding = _cache_length(kwargs.get("past_key_values")) > 0
-        STATE.reuse_sequence_gates = decoding
-        if not decoding:
-            STATE.sequence_gates.clear()
+        # Per call (context variables, so concurrent calls from other threads never see it): task ids arrive as
+        # the keyword TASK_IDS_KWARG (PEFT's task-specific models keep `task_ids` for their own prompt methods);
+        # sequence routers need this call's attention mask; cached decode steps reuse the prompt's routing.
+        context.enter_call(
+            module,
+            task_ids=kwargs.pop(TASK_IDS_KWARG, None),
+            attention_mask=kwargs.get("attention_mask"),
+            # transformers >= 5.24 names the KV cache `cache`, earlier releases `past_key_values`.
+            decoding=max(_cache_length(kwargs.get("past_key_values")), _cache_length(kwargs.get("cache"))) > 0,
+        )
         return args, kwargs
 
     def _release_call_state(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            STATE.recompute = (STATE.task_ids, STATE.attention_mask)
-        if self._state_stack:
-            STATE.task_ids, STATE.attention_mask = self._state_stack.pop()
+        state = context.exit_call(module)
+        if state is not None and module.training and torch.is_grad_enabled():
+            # Activation checkpointing recomputes this forward in backward, maybe on another thread: bind its state.
+            context.bind_for_backward(output, state)
 
     # ------------------------------------------------------------------------------------------ injection
     @staticmethod

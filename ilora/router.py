@@ -1,23 +1,44 @@
 """Routers (token, sequence, task) and the gates that turn their logits into routing weights.
 
-A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]`` (at least float32), one row per
-token of the flattened input; sequence and task routers make one decision per sequence and repeat it over its tokens.
+A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]``, one row per token of the flattened
+input; sequence and task routers make one decision per sequence and repeat it over its tokens.
+
+Numerics: the router's matmul, its softmax and its top-k run in float32 (float64 for float64 inputs) whatever the
+autocast state and the dtypes of the input and the adapter, as MegaBlocks (``layers/router.py``) and Mixtral in
+transformers (``router_logits`` upcast before softmax) do: half-precision logits flip top-k choices and overflow
+(fp16 tops out at 65504).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .context import STATE, call_state
+from .context import current_call
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    # Routing in half precision flips top-k choices and saturates softmax; the authors route in float32 too.
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def routing_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any of ``tensors`` is: the precision routing is computed in."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast does not lower the precision of matmuls (``torch.autocast(..., enabled=False)``)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def routing_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` in ``routing_dtype`` whatever the autocast state: ``x [..., d_in]``, ``weight [E, d_in]``."""
+    dtype = routing_dtype(x, weight)
+    with no_autocast(x.device):
+        return nn.functional.linear(x.to(dtype), weight.to(dtype))
 
 
 class TokenRouter(nn.Module):
@@ -37,7 +58,7 @@ class TokenRouter(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _at_least_fp32(nn.functional.linear(x.reshape(-1, x.shape[-1]).to(self.weight.dtype), self.weight))
+        return routing_linear(x.reshape(-1, x.shape[-1]), self.weight)
 
 
 class SequenceRouter(TokenRouter):
@@ -52,20 +73,22 @@ class SequenceRouter(TokenRouter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             return super().forward(x)
-        key = id(self)
-        cached = STATE.sequence_gates.get(key)
+        state = current_call()
+        kept = state.sequence_gates if state.sequence_gates is not None else {}
+        cached = kept.get(id(self))
         batch, seq = x.shape[0], math.prod(x.shape[1:-1])
-        if STATE.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
+        if state.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
             return cached.repeat_interleave(seq, dim=0)
-        xs = x.reshape(batch, seq, x.shape[-1]).to(self.weight.dtype)
-        mask = call_state()[1]
-        if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
-            m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
-            pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            pooled = xs.mean(1)
-        logits = _at_least_fp32(nn.functional.linear(pooled, self.weight))
-        STATE.sequence_gates[key] = logits.detach()
+        xs = x.reshape(batch, seq, x.shape[-1]).to(routing_dtype(x, self.weight))
+        mask = state.attention_mask
+        with no_autocast(x.device):
+            if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+                m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
+                pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
+            else:
+                pooled = xs.mean(1)
+        logits = routing_linear(pooled, self.weight)
+        kept[id(self)] = logits.detach()
         return logits.repeat_interleave(seq, dim=0)
 
 
@@ -82,7 +105,7 @@ class TaskRouter(nn.Module):
         nn.init.normal_(self.weight, std=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = call_state()[0]
+        ids = current_call().task_ids
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "
@@ -105,7 +128,7 @@ class TaskRouter(nn.Module):
         num_tasks = self.weight.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
             raise ValueError(f"task ids must be in [0, {num_tasks}), got {ids.tolist()}")
-        return _at_least_fp32(self.weight[ids])
+        return self.weight[ids].to(routing_dtype(self.weight))
 
 
 def build_router(kind: str, d_in: int, num_experts: int, num_tasks: int | None) -> nn.Module:
@@ -136,14 +159,15 @@ class Gates:
 
 
 def gate(logits: torch.Tensor, routing: str, top_k: int, temperature: float) -> Gates:
-    """Turn logits ``[T, E]`` into routing weights of the same (at least float32) precision."""
-    scaled = logits / temperature
-    if routing == "soft":
-        return Gates(dense=torch.softmax(scaled, dim=-1))
-    probs = torch.softmax(scaled, dim=-1)
-    values, indices = probs.topk(top_k, dim=-1)
-    if top_k > 1:  # Mixtral: renormalize over the chosen experts
-        values = values / values.sum(-1, keepdim=True)
+    """Turn logits ``[T, E]`` into routing weights in ``routing_dtype`` (float32 or float64), autocast or not."""
+    with no_autocast(logits.device):
+        scaled = logits.to(routing_dtype(logits)) / temperature
+        if routing == "soft":
+            return Gates(dense=torch.softmax(scaled, dim=-1))
+        probs = torch.softmax(scaled, dim=-1)
+        values, indices = probs.topk(top_k, dim=-1)
+        if top_k > 1:  # Mixtral: renormalize over the chosen experts
+            values = values / values.sum(-1, keepdim=True)
     # top-1 keeps the router probability (Switch), else the weight would be a constant 1 and the router never learn.
     return Gates(weights=values, indices=indices)
 

@@ -62,3 +62,20 @@ def test_bad_method_and_unreached_layers_are_reported() -> None:
         ilora.export_to_lora(pm, [], example_input("mlp"), method="mean")
     with pytest.raises(ValueError, match="never reached"):
         ilora.export_to_lora(pm, [], example_input("mlp"))
+
+
+def test_calibration_leaves_padding_out() -> None:
+    # The same sequences as one right-padded batch (2 x 8, the second real for 3 tokens) or unpadded one by one:
+    # padding once moved B by ~9%.
+    pm = _model("llama", shared_a=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    heldout = example_input("llama", seed=99)
+    padded = ilora.export_to_lora(pm, [{"input_ids": ids * mask, "attention_mask": mask}], heldout)
+    alone = ilora.export_to_lora(pm, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :3]}], heldout)
+    assert padded.state_dict.keys() == alone.state_dict.keys()
+    for key, value in alone.state_dict.items():
+        torch.testing.assert_close(padded.state_dict[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert padded.relative_error == pytest.approx(alone.relative_error, rel=1e-4)

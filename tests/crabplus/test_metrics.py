@@ -159,3 +159,15 @@ def test_garbage_predictions_never_crash(subset):
     scores = [v for k, v in out.items() if k not in ("n", "parse_error_rate") and not math.isnan(v)]
     # Junk text is a (bad) caption, so it may share a word with the reference; anything else scores zero.
     assert scores and max(scores) <= (0.1 if subset == "avcap" else 1e-6)
+
+
+def test_label_scores_alike_when_the_box_is_unreadable_in_s4_and_arig():
+    from crabplus.metrics import score
+
+    s4 = score("s4", ["The object making the sound in the video is dog. Its bounding box is [40,40,10,10]."],
+               [P(label="dog", box=(1, 1, 9, 9))])  # fmt: skip
+    arig = score("arig", ["The sounding object is dog. Its coordinate of top left corner is (a,b)."],
+                 [P(label="dog", box=(1, 1, 9, 9))])  # fmt: skip
+    assert s4["parse_error_rate"] == arig["parse_error_rate"] == 1.0
+    assert s4["label_accuracy"] == arig["label_accuracy"] == 1.0
+    assert s4["box_iou"] == arig["box_iou"] == 0.0

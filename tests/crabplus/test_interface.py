@@ -17,6 +17,7 @@ COORD = st.integers(0, 223)
 _SPAN = st.tuples(COORD, COORD).filter(lambda p: p[0] != p[1]).map(sorted)
 BOX = st.tuples(_SPAN, _SPAN).map(lambda xy: (xy[0][0], xy[1][0], xy[0][1], xy[1][1]))  # x1 < x2, y1 < y2
 POINTS = st.lists(st.tuples(COORD, COORD), max_size=3).map(tuple)
+CORNERS = "Its coordinate of top left corner is ({},{}) and coordinate of bottom right corner is ({},{})."
 REASONING = st.text(alphabet="abcdefghij klmnop.,", max_size=60)
 
 
@@ -155,8 +156,7 @@ def test_spacing_and_case_tolerated():
         ("avvp", "<visual_event>Dog,(0 1)</visual_event> and <audio_event>Dog,(0 1)", "unterminated <audio>"),
         ("avvp", "<visual_event>Dog,(0 1)<audio_event>Dog,(0 1)</audio_event></visual_event>", "inside"),
         ("s4", "The object making the sound in the video is dog. [30,30,10,10]", "empty"),
-        ("arig", "The sounding object is dog. Its coordinate of top left corner is (9,9) and coordinate of bottom "
-                 "right corner is (9,20)", "empty"),  # fmt: skip
+        ("arig", f"The sounding object is dog. {CORNERS.format(9, 9, 9, 20)}", "empty"),
         ("ref_avs", "<answer>true</answer> The referred object is dog. [5,5,5,9]", "empty"),
     ],
 )
@@ -195,8 +195,7 @@ def test_format_errors_name_the_field(subset, structured, reasoning, message):
         ("s4", "The object making the sound in the video is dog. Its bounding box is [40,40,10,10]."),
         ("ms3", "The object making the sound in the video is dog. Its bounding box is garbage."),
         ("arig", "The sounding object is dog. Its coordinate of top left corner is (a,b)."),
-        ("arig", "The sounding object is dog. Its coordinate of top left corner is (40,40) and coordinate of bottom "
-                 "right corner is (10,10)."),  # fmt: skip
+        ("arig", f"The sounding object is dog. {CORNERS.format(40, 40, 10, 10)}"),
         ("ref_avs", "<answer>true</answer> The referred object is dog. Its bounding box is [40,40,10,10]."),
     ],
 )

@@ -10,11 +10,12 @@ import pytest
 import torch
 from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
+from crabplus.config import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
 from crabplus.distributed import rank_batches
 from crabplus.models import ModelConfig
-from crabplus.train import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config, train
+from crabplus.train import train
 from safetensors.torch import load_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs"
@@ -137,3 +138,63 @@ def test_configs_start_with_their_command_and_load(name):
     assert text.startswith("# Run: .venv/bin/crabplus ")
     cls = TransferRunConfig if name.startswith("transfer") else RunConfig
     load_config(CONFIGS / name, cls=cls)
+
+
+def test_the_trainer_pieces_work_alone(tiny_data, tmp_path):
+    from crabplus.train import Trainer
+
+    trainer = Trainer(run_config(tiny_data, tmp_path, max_steps=3), progress=False).setup()
+    assert (trainer.step, trainer.total, trainer.global_batch) == (0, 3, 4)
+    assert (tmp_path / "config.yaml").is_file() and latest_checkpoint(tmp_path) is None
+    group = [trainer.collate([trainer.dataset[i] for i in batch])[0] for batch in ([0, 1], [2, 3])]
+    out = trainer.train_step(group)
+    assert trainer.step == 1 and math.isfinite(out.loss) and out.aux_loss > 0
+    assert out.lr == 0 < trainer.scheduler.get_last_lr()[0]  # warmup starts at 0, the scheduler stepped
+    trainer._epoch_len = 6
+    saved = trainer.save()
+    assert saved.name == "step-000001" and latest_checkpoint(tmp_path) == saved
+    resumed = Trainer(run_config(tiny_data, tmp_path, max_steps=3), progress=False).setup()
+    assert resumed.step == 1 and resumed.checkpoint == saved
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_fall_back_to(tiny_data, tmp_path):
+    cfg = run_config(tiny_data, tmp_path, max_steps=3, save_every=1)
+    train(cfg, stop_after=2, progress=False)
+    newest = latest_checkpoint(tmp_path)
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError) as err:
+        train(cfg, progress=False)
+    message = str(err.value)
+    assert str(newest) in message and "step-000001" in message and "previous" in message and "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_missing_cuda_device_is_refused_before_the_run_folder_is_written(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.device: 'cuda' .*no usable CUDA"):
+        train(run_config(tiny_data, tmp_path / "run", device="cuda"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "blamed", "message"),
+    [
+        ("train:\n  lr: 1\n   epochs: 2\n", [], "cfg.yaml", "invalid YAML at line 3"),
+        ("train: {lr: 1}\n", ["train.lr=["], "--set 'train.lr=['", "invalid YAML"),
+        ("train: {lr: 1}\n", ["train.lrr=1"], "--set 'train.lrr=1'", "unknown key 'train.lrr'"),
+        ("train: {lr: 1}\n", ["train.lr=fast"], "--set 'train.lr=fast'", "expected a number"),
+        ("train: {lrr: 1}\n", ["train.lr=1"], "cfg.yaml", "unknown key"),
+        ("model: {num_experts: 0}\n", [], "cfg.yaml", "model.num_experts: must be a positive integer"),
+        ("train: {lr: 1}\n", ["model.num_experts=0"], "--set 'model.num_experts=0'", "model.num_experts"),
+        ("model: {ilora_extra: {top_k: 9, routing: topk}}\n", [], "cfg.yaml", "model.ilora_extra.top_k"),
+        ("train: {batch_size: 0}\n", [], "cfg.yaml", "train.batch_size: must be >= 1"),
+    ],
+)
+def test_config_errors_name_the_file_or_the_set_and_the_key(tmp_path, yaml_text, overrides, blamed, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        load_config(path, overrides)
+    text = str(err.value)
+    assert text.startswith(str(path) if blamed == "cfg.yaml" else blamed) and message in text, text
+    assert "\n" not in text

@@ -3,10 +3,13 @@
     crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
     crabplus train --config examples/crabplus/configs/tiny.yaml
     torchrun --nproc_per_node 2 -m crabplus train --config ... [--set train.strategy=fsdp]
-    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR]
+    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
     crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml
 
-Every command takes ``--set section.key=value`` (repeatable) to override a config field.
+Every command takes ``--set section.key=value`` (repeatable) to override a config field. Errors are one line on
+stderr naming what is wrong, with exit status 2; an interrupted run (SIGINT, SIGTERM) saves a checkpoint, says where
+it stopped and exits with 128 + the signal number. Nothing heavy (torch, transformers, PEFT) is imported before the
+arguments are parsed, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,18 +17,31 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from crabplus.config import RunConfig
 
-from crabplus.train import RunConfig, load_config
+
+def _version() -> str:
+    found = []
+    for name in ("crabplus", "ilora"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crabplus", description="The Crab+ recipe: train, evaluate, transfer, demo.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "train": "train (or resume) the run of a config",
@@ -46,14 +62,21 @@ def _parser() -> argparse.ArgumentParser:
                            help="stop after this step with a checkpoint (a later run resumes there)")  # fmt: skip
         if name == "evaluate":
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's newest)")
+            p.add_argument("--out", type=Path, help="output folder (default: <run>/eval/<checkpoint name>)")
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace an evaluation of another checkpoint, subsets or config in that folder",
+            )
     return parser
 
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
+    from crabplus.data.synth import synthesize
     from crabplus.evaluate import evaluate
     from crabplus.plots import plot_loss, plot_router_usage
-    from crabplus.train import loss_summary, synthesize, train
+    from crabplus.train import loss_summary, train
 
     began = time.perf_counter()
     cfg.train.out = str(out)
@@ -62,9 +85,13 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     print(f"[2/4] training ({cfg.model.adapter}) into {out}")
     result = train(cfg, progress=progress)
     print(loss_summary(result.losses))
+    if result.interrupted:
+        return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")
     ev = evaluate(cfg, progress=progress)
     print(ev.table)
+    for subset, why in ev.not_evaluated.items():
+        print(f"not evaluated: {subset} {why}")
     print("[4/4] plots")
     plots = [plot_loss(out / "train_log.csv", out / "loss.png")]
     if ev.usage:
@@ -74,48 +101,78 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     return {"train": result, "eval": ev, "plots": plots, "wall_s": wall}
 
 
+def _check_out(path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out: {path} is a file, not a folder")
+
+
+def _interrupted(result) -> int:
+    """The one line an interrupted run prints; the exit status of the signal."""
+    print(f"crabplus: {result.interrupted} at step {result.steps[-1] if result.steps else '?'} of "
+          f"{result.total_steps}; checkpoint {result.checkpoint}; run the same command to resume",
+          file=sys.stderr)  # fmt: skip
+    return 128 + getattr(signal, result.interrupted, signal.SIGTERM)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from crabplus.config import load_config
+
+    progress = not args.quiet
+    _check_out(getattr(args, "out", None))
+    if args.command == "transfer":
+        from crabplus.transfer import TransferRunConfig, run_transfer
+
+        tcfg = load_config(args.config, args.overrides, TransferRunConfig)
+        if args.out:
+            tcfg.transfer.out = str(args.out)
+        run_transfer(tcfg, progress=progress)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "evaluate":
+        from crabplus.evaluate import evaluate
+
+        ev = evaluate(cfg, args.checkpoint, args.out, progress=progress, overwrite=args.overwrite)
+        print(ev.table)
+        print(f"wrote {ev.out_dir}")
+        return 0
+    if args.out:
+        cfg.train.out = str(args.out)
+    if args.command == "demo":
+        result = demo(cfg, Path(cfg.train.out), progress)["train"]
+        return _interrupted(result) if result.interrupted else 0
+    import torch
+
+    from crabplus.train import loss_summary, train
+
+    result = train(cfg, stop_after=args.stop_after, progress=progress)
+    if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
+        main_rank = torch.distributed.get_rank() == 0
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return 128 + getattr(signal, result.interrupted, signal.SIGTERM) if result.interrupted else 0
+    print(loss_summary(result.losses))
+    if result.interrupted:
+        return _interrupted(result)
+    print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crabplus`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    progress = not args.quiet
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"crabplus {args.command}: error: runs in one process; only `train` takes torchrun / accelerate launch",
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        if args.command == "transfer":
-            from crabplus.transfer import TransferRunConfig, run_transfer
-
-            tcfg = load_config(args.config, args.overrides, TransferRunConfig)
-            if args.out:
-                tcfg.transfer.out = str(args.out)
-            run_transfer(tcfg, progress=progress)
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if getattr(args, "out", None):
-            cfg.train.out = str(args.out)
-        if args.command == "demo":
-            demo(cfg, Path(cfg.train.out), progress)
-        elif args.command == "train":
-            from crabplus.train import loss_summary, train
-
-            result = train(cfg, stop_after=args.stop_after, progress=progress)
-            if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
-                main_rank = torch.distributed.get_rank() == 0
-                torch.distributed.destroy_process_group()
-                if not main_rank:
-                    return 0
-            print(loss_summary(result.losses))
-            print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
-        else:
-            from crabplus.evaluate import evaluate
-
-            print(evaluate(cfg, args.checkpoint, progress=progress).table)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # before training started (loading data or the model): nothing to save yet
+        print(f"crabplus {args.command}: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ def test_evaluate_writes_predictions_and_tables(tiny_data, tmp_path):  # noqa: F
     layer_usage = next(iter(result.usage["ks"].values()))
     assert len(layer_usage) == 2 and abs(sum(layer_usage) - 1) < 1e-4  # 2 experts, soft routing sums to 1
     assert (result.out_dir / "router_usage.csv").is_file()
+    layers = list(result.usage["ks"])  # the model's order: attention before MLP within a block, not alphabetical
+    down = {n: n.replace("self_attn.q_proj", "mlp.down_proj") for n in layers if n.endswith("self_attn.q_proj")}
+    pairs = [(layers.index(q), layers.index(d)) for q, d in down.items() if d in layers]
+    assert pairs and all(q < down for q, down in pairs) and layers != sorted(layers)
 
     cfg.eval.sam2, cfg.eval.subsets = None, ["s4"]
     boxes_only = evaluate(cfg, out_dir=tmp_path / "boxes", progress=False)

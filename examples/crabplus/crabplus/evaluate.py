@@ -192,14 +192,16 @@ def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Predic
 @torch.no_grad()
 def routing_usage(model: nn.Module, processor: ChatProcessor, samples: Sequence[Sample]) -> dict[str, list[float]]:
     """Mean routing weight per expert for each routed layer over the samples' prompt tokens (one sample per forward,
-    so no padding token is counted)."""
+    so no padding token is counted), layers in the model's order."""
     device = next(model.parameters()).device
     with ilora.record_routing() as recorder:
         for sample in samples:
             item = processor(Sample(sample.subset, sample.instruction, "", sample.frames, sample.audio, sample.meta))
             batch = {k: v.to(device) for k, v in processor.collate([item]).items()}
             model(**batch)
-    return {layer: usage.tolist() for layer, usage in recorder.usage().items()}
+    usage = recorder.usage()
+    order = dict.fromkeys(m.ilora_name for m in model.modules() if isinstance(m, ilora.ILoraLayer))
+    return {layer: usage[layer].tolist() for layer in [*order, *usage] if layer in usage}  # the model's order
 
 
 def _fmt(value: float) -> str:

@@ -198,3 +198,17 @@ def test_config_errors_name_the_file_or_the_set_and_the_key(tmp_path, yaml_text,
     text = str(err.value)
     assert text.startswith(str(path) if blamed == "cfg.yaml" else blamed) and message in text, text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "processes", "want"),
+    [(2, 0.1, 1, 2), (2, 3.5, 1, 1), (16, 4.0, 1, 12), (16, 0.0, 4, 4), (16, 14.0, 2, 2), (1, 0.0, 1, 1)],
+)
+def test_default_threads_never_oversubscribe(monkeypatch, cores, load, processes, want):
+    import os
+
+    from crabplus.train import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert default_threads(processes) == want

@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
+    import torch
+
     from crabplus.data.synth import synthesize
     from crabplus.evaluate import evaluate
     from crabplus.plots import plot_loss, plot_router_usage
@@ -83,8 +85,13 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     print(f"[1/4] synthetic AV-UIE dataset under {out / 'data'}")
     synthesize(cfg, out / "data")
     print(f"[2/4] training ({cfg.model.adapter}) into {out}")
+    trained_at = time.perf_counter()
     result = train(cfg, progress=progress)
+    train_s = time.perf_counter() - trained_at
     print(loss_summary(result.losses))
+    print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / max(len(result.steps), 1):.2f} s/step "
+          f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores)")  # fmt: skip
     if result.interrupted:
         return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")

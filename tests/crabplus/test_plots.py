@@ -45,4 +45,7 @@ def test_router_usage_is_coloured_around_uniform_in_model_order(tmp_path):
     assert labels[:7] == ["0.q_proj", "0.k_proj", "0.v_proj", "0.o_proj", "0.gate_proj", "0.up_proj", "0.down_proj"]
     assert min(t.get_fontsize() for t in ax.get_yticklabels() + ax.get_xticklabels()) >= 7
     plt.close(fig)
+    fig = router_usage_figure(usage, missing={"mer24": "has no test split"})
+    assert "not shown: mer24 has no test split" in fig.axes[0].get_xlabel()
+    plt.close(fig)
     assert plot_router_usage(usage, tmp_path / "usage.png").stat().st_size > 0

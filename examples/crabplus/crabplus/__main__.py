@@ -102,7 +102,7 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     print("[4/4] plots")
     plots = [plot_loss(out / "train_log.csv", out / "loss.png")]
     if ev.usage:
-        plots.append(plot_router_usage(ev.usage, out / "router_usage.png"))
+        plots.append(plot_router_usage(ev.usage, out / "router_usage.png", missing=ev.not_evaluated))
     wall = time.perf_counter() - began
     print(f"done in {wall:.0f}s: {', '.join(map(str, plots))}; predictions and metrics in {ev.out_dir}")
     return {"train": result, "eval": ev, "plots": plots, "wall_s": wall}

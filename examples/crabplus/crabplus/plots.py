@@ -57,10 +57,13 @@ def plot_loss(log_csv: str | Path, path: str | Path) -> Path:
     return Path(path)
 
 
-def router_usage_figure(usage: Mapping[str, Mapping[str, Sequence[float]]], title: str = "") -> plt.Figure:
+def router_usage_figure(
+    usage: Mapping[str, Mapping[str, Sequence[float]]], title: str = "", missing: Mapping[str, str] | None = None
+) -> plt.Figure:
     """One heatmap: routed layers (rows, in the order given: the model's) x (task, expert) columns, coloured by how
     far the mean routing weight is from uniform routing (1 / experts): red above, blue below, white uniform, on a
-    colour scale symmetric around 0 and fitted to the largest deviation."""
+    colour scale symmetric around 0 and fitted to the largest deviation. ``missing``: tasks not shown, with why
+    (written under the plot)."""
     subsets = list(usage)
     if not subsets:
         raise ValueError("no router usage to plot (is the model an I-LoRA model?)")
@@ -84,12 +87,19 @@ def router_usage_figure(usage: Mapping[str, Mapping[str, Sequence[float]]], titl
     ax.set_xlabel("expert, per task")
     fig.colorbar(image, ax=ax, shrink=0.8, label=f"mean routing weight - uniform (1/{experts})")
     ax.set_title(title or "I-LoRA router usage: deviation from uniform routing per task, layer and expert")
+    if missing:
+        ax.set_xlabel("expert, per task\nnot shown: " + "; ".join(f"{k} {v}" for k, v in missing.items()))
     return fig
 
 
-def plot_router_usage(usage: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:
+def plot_router_usage(
+    usage: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    title: str = "",
+    missing: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``router_usage_figure`` as a PNG."""
-    fig = router_usage_figure(usage, title)
+    fig = router_usage_figure(usage, title, missing)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -150,7 +150,6 @@ def test_the_trainer_pieces_work_alone(tiny_data, tmp_path):
     out = trainer.train_step(group)
     assert trainer.step == 1 and math.isfinite(out.loss) and out.aux_loss > 0
     assert out.lr == 0 < trainer.scheduler.get_last_lr()[0]  # warmup starts at 0, the scheduler stepped
-    trainer._epoch_len = 6
     saved = trainer.save()
     assert saved.name == "step-000001" and latest_checkpoint(tmp_path) == saved
     resumed = Trainer(run_config(tiny_data, tmp_path, max_steps=3), progress=False).setup()

@@ -17,11 +17,12 @@ from typing import Any
 class StopSignals:
     """SIGINT / SIGTERM during training: the first asks the loop to stop after the current step (with a checkpoint);
     a second SIGINT later than ``grace_s`` exits at once. A repeat within ``grace_s`` is the same request forwarded
-    (``torchrun`` passes the terminal's Ctrl-C on to workers that already got it). Installed only in the main thread.
+    (``torchrun`` passes the terminal's Ctrl-C on to workers that already got it). Installed only in the main thread;
+    ``announce``: print the first request (one rank of a job does).
     """
 
-    def __init__(self, grace_s: float = 1.0):
-        self.grace_s = grace_s
+    def __init__(self, grace_s: float = 1.0, announce: bool = True):
+        self.grace_s, self.announce = grace_s, announce
         self.received: str | None = None
         self._at = 0.0
         self._previous: dict[int, Any] = {}
@@ -30,8 +31,9 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received, self._at = name, time.monotonic()
-            print(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to exit at once)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            if self.announce:  # one rank says it
+                print(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to exit at once)",
+                      file=sys.stderr, flush=True)  # fmt: skip
         elif signum == signal.SIGINT and time.monotonic() - self._at > self.grace_s:
             print(f"{name} again: exiting at once, without a checkpoint of this step", file=sys.stderr, flush=True)
             os._exit(128 + signum)

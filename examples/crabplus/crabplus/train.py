@@ -193,7 +193,8 @@ class Trainer:
                              f"{self.cfg.subsets()}\n" + self.dataset.report.summary())  # fmt: skip
         self.global_micro = t.batch_size * self.world.size
         self.global_batch = self.global_micro * t.grad_accum
-        steps_per_epoch = math.ceil(math.ceil(len(self.dataset) / self.global_micro) / t.grad_accum)
+        self.micro_per_epoch = math.ceil(len(self.dataset) / self.global_micro)  # global micro-batches
+        steps_per_epoch = math.ceil(self.micro_per_epoch / t.grad_accum)
         self.total = t.max_steps or t.epochs * steps_per_epoch
 
     def _setup_model(self) -> None:
@@ -309,7 +310,6 @@ class Trainer:
                 self.dataset, batch_sampler=batches[self.micro :], collate_fn=self.collate,
                 num_workers=self.cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed),
             ))  # fmt: skip
-            self._epoch_len = len(batches)
             while self.micro < len(batches):
                 group = []
                 for _ in range(min(t.grad_accum, len(batches) - self.micro)):
@@ -324,7 +324,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A checkpoint of the current position (collective: every rank calls it)."""
-        done_epoch = self.micro >= self._epoch_len
+        done_epoch = self.micro >= self.micro_per_epoch
         position = dict(step=self.step, epoch=self.epoch + done_epoch, samples=0 if done_epoch else
                         self.micro * self.global_micro, global_batch=self.global_batch,
                         world_size=self.world.size)  # fmt: skip
@@ -345,7 +345,7 @@ class Trainer:
         log_file = self.log_path.open("a", newline="") if world.main else None
         stopped = None
         try:
-            with StopSignals() as signals:
+            with StopSignals(announce=world.main) as signals:
                 groups = self._groups()
                 while self.step < self.total:
                     out = self.train_step(next(groups))

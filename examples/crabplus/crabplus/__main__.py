@@ -177,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before training started (loading data or the model): nothing to save yet
-        print(f"crabplus {args.command}: interrupted before training started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (loading, evaluating): nothing of this phase to save
+        print(f"crabplus {args.command}: interrupted outside a training step; checkpoints already written are kept "
+              "and the same command continues from them", file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGINT
 
 

@@ -234,7 +234,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), cls: type = Run
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
     data = _yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections")

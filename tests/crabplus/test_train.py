@@ -32,7 +32,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def run_config(root: Path, out: Path, **train_kw) -> RunConfig:
     """A tiny I-LoRA run: dropout and an aux loss on, so RNG and aux handling matter for resume equality."""
     model = ModelConfig(r=4, lora_alpha=8, lora_dropout=0.1, num_experts=2, ilora_extra={"balance_loss_coef": 0.01})
-    t = dict(out=str(out), max_steps=5, batch_size=2, grad_accum=2, lr=1e-2, device="cpu", warmup_ratio=0.2)
+    # One thread: runs compared for exact equality must not depend on the machine's load (default_threads).
+    t = dict(out=str(out), max_steps=5, batch_size=2, grad_accum=2, lr=1e-2, device="cpu", warmup_ratio=0.2, threads=1)
     data = DataConfig(root=str(root), subsets=list(SUBSETS), frame_size=32)
     return RunConfig(data=data, model=model, train=TrainConfig(**{**t, **train_kw}), eval=EvalConfig(max_new_tokens=8))
 
@@ -208,6 +209,18 @@ def test_default_threads_never_oversubscribe(monkeypatch, cores, load, processes
 
     from crabplus.train import default_threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert default_threads(processes) == want
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    import os
+
+    from crabplus.train import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(1) == 3

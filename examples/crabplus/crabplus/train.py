@@ -143,12 +143,14 @@ class StepLog:
 
 def default_threads(local_processes: int) -> int:
     """torch CPU threads per process when ``train.threads`` is unset: the cores this process may use, split over the
-    processes of this machine, and no more than the cores not already busy (the load average), at least one. More
-    threads than free cores makes every OpenMP region wait on descheduled threads (measured: 4 runs on 2 cores went
-    15x slower, not 4x)."""
+    processes of this machine, and no more than the cores not already busy (the load average) nor than
+    ``OMP_NUM_THREADS`` when set, at least one. More threads than free cores makes every OpenMP region wait on
+    descheduled threads (measured: 4 runs on 2 cores went 15x slower, not 4x)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     free = cores - int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores // max(local_processes, 1), free))
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    cap = int(chosen) if chosen.isdigit() and int(chosen) > 0 else cores
+    return max(1, min(cores // max(local_processes, 1), free, cap))
 
 
 class Trainer:

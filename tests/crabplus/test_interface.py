@@ -14,8 +14,10 @@ EVENT_LABELS = st.lists(_WORDS, min_size=1, max_size=3).map(", ".join).filter(la
 TIMES = st.integers(0, 20).map(lambda k: k / 2)
 EVENTS = st.tuples(EVENT_LABELS, TIMES, TIMES).map(lambda e: (e[0], min(e[1:]), max(e[1:])))
 COORD = st.integers(0, 223)
-BOX = st.tuples(COORD, COORD, COORD, COORD)
+_SPAN = st.tuples(COORD, COORD).filter(lambda p: p[0] != p[1]).map(sorted)
+BOX = st.tuples(_SPAN, _SPAN).map(lambda xy: (xy[0][0], xy[1][0], xy[0][1], xy[1][1]))  # x1 < x2, y1 < y2
 POINTS = st.lists(st.tuples(COORD, COORD), max_size=3).map(tuple)
+CORNERS = "Its coordinate of top left corner is ({},{}) and coordinate of bottom right corner is ({},{})."
 REASONING = st.text(alphabet="abcdefghij klmnop.,", max_size=60)
 
 
@@ -120,7 +122,6 @@ def test_authors_formats():
 
 def test_spacing_and_case_tolerated():
     assert parse("ks", "<ANSWER>  Playing   Drums</Answer >").label == "Playing Drums"
-    assert parse("ks", "so <answer> dog").label == "dog"  # an unclosed final tag
     assert parse("ave", "< event >dog</EVENT> <Range> 2 - 5 </range>").events == (("dog", 2.0, 5.0),)
     assert parse("s4", "[ 1 , 2 , 3 , 4 ] and [ 5,6 ]").points == ((5, 6),)
     assert parse("ref_avs", "<Answer> TRUE </Answer> [1,2,3,4]").exists is True
@@ -142,6 +143,20 @@ def test_spacing_and_case_tolerated():
         ("ref_avs", "<answer>true</answer> somewhere", "answered true but"),
         ("ref_avs", "it is there", "no <answer>true"),
         ("avcap", "   ", "empty caption"),
+        # Only well-formed answers parse: unterminated and nested tags, empty boxes, in every answer kind.
+        ("ks", "tru a Hz <answer>tru a Hz", "unterminated <answer>"),
+        ("ks", "so <answer> dog", "unterminated <answer>"),
+        ("ks", "<answer> a <answer> b </answer>", "inside an unterminated <answer>"),
+        ("ks", "<answer> a </answer> b </answer>", "closes no open"),
+        ("a2v", "<answer> 1", "unterminated <answer>"),
+        ("ref_avs", "<answer>true <answer>false</answer> [1,2,3,4]", "inside an unterminated"),
+        ("ave", "<event> dog <range> 1,2 </range>", "inside an unterminated <event>"),
+        ("ave", "<event> dog </event> <range> 1,2", "unterminated <range>"),
+        ("avvp", "<visual_event>Dog,(0 1)</visual_event> and <audio_event>Dog,(0 1)", "unterminated <audio>"),
+        ("avvp", "<visual_event>Dog,(0 1)<audio_event>Dog,(0 1)</audio_event></visual_event>", "inside"),
+        ("s4", "The object making the sound in the video is dog. [30,30,10,10]", "empty"),
+        ("arig", f"The sounding object is dog. {CORNERS.format(9, 9, 9, 20)}", "empty"),
+        ("ref_avs", "<answer>true</answer> The referred object is dog. [5,5,5,9]", "empty"),
     ],
 )
 def test_errors_say_why(subset, text, reason):
@@ -171,3 +186,26 @@ def test_non_text_prediction():
 def test_format_errors_name_the_field(subset, structured, reasoning, message):
     with pytest.raises(ValueError, match=message):
         format_target(subset, structured, reasoning)
+
+
+@pytest.mark.parametrize(
+    ("subset", "text"),
+    [
+        ("s4", "The object making the sound in the video is dog. Its bounding box is [40,40,10,10]."),
+        ("ms3", "The object making the sound in the video is dog. Its bounding box is garbage."),
+        ("arig", "The sounding object is dog. Its coordinate of top left corner is (a,b)."),
+        ("arig", f"The sounding object is dog. {CORNERS.format(40, 40, 10, 10)}"),
+        ("ref_avs", "<answer>true</answer> The referred object is dog. Its bounding box is [40,40,10,10]."),
+    ],
+)
+def test_a_readable_name_beside_an_unreadable_box_is_kept_alike_in_every_box_task(subset, text):
+    parsed = parse(subset, text)
+    assert parsed.error is not None and parsed.box is None
+    assert parsed.label == "dog"  # partial credit the same way in s4, ms3, arig and ref_avs
+
+
+def test_structure_keeps_falsy_but_meaningful_values():
+    assert Prediction(exists=False).structure() == {"exists": False}
+    assert Prediction(choice=0, label="").structure() == {"choice": 0, "label": ""}
+    assert Prediction(box=(0, 0, 0, 0), points=((0, 0),)).structure() == {"box": (0, 0, 0, 0), "points": ((0, 0),)}
+    assert Prediction(error="x").structure() == {}

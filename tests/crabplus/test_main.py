@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from crabplus.__main__ import main
@@ -20,8 +22,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0
     assert "loss: first" in printed and "| action_recognition | ks |" in printed
-    for name in ("loss.png", "router_usage.png", "train_log.csv", "config.yaml", "eval/predictions.jsonl",
-                 "eval/metrics.md", "eval/metrics.csv", "data/ks/train.json"):  # fmt: skip
+    for name in ("loss.png", "router_usage.png", "train_log.csv", "config.yaml", "eval/step-000002/predictions.jsonl",
+                 "eval/step-000002/metrics.md", "eval/step-000002/metrics.csv", "data/ks/train.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert len((out / "train_log.csv").read_text().splitlines()) == 1 + 2  # 6 records, batch 4: 2 steps
 
@@ -39,3 +41,26 @@ def test_commands_other_than_train_refuse_a_launcher(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "--config", TINY]) == 2
     assert "one process" in capsys.readouterr().err
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = (
+        "import sys\nfrom crabplus.__main__ import main\n"
+        "for argv in (['--help'], ['--version'], ['train']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'ilora') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    assert "crabplus 0.1.0" in proc.stdout and "--config" in proc.stderr  # version, then the argument error
+
+
+def test_one_line_errors_with_exit_status(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["train", "--config", TINY, "--out", str(afile)]) == 2
+    assert capsys.readouterr().err.strip() == f"crabplus train: error: --out: {afile} is a file, not a folder"
+    missing = tmp_path / "nope"
+    assert main(["evaluate", "--config", TINY, "--checkpoint", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"crabplus evaluate: error: --checkpoint: {missing} does not exist") and "\n" not in err

@@ -213,3 +213,15 @@ def test_avvp_llp_class_spelling_matches_either_way():
     # LLP's evaluation files write Violin_fiddle; an answer may write Violin fiddle.
     ref = P(audio_events=(("Violin_fiddle", 0, 10),))
     assert score("avvp", [P(audio_events=(("violin fiddle", 0, 10),))], [ref])["avvp_segment_audio"] == 1.0
+
+
+def test_label_scores_alike_when_the_box_is_unreadable_in_s4_and_arig():
+    from crabplus.metrics import score
+
+    s4 = score("s4", ["The object making the sound in the video is dog. Its bounding box is [40,40,10,10]."],
+               [P(label="dog", box=(1, 1, 9, 9))])  # fmt: skip
+    arig = score("arig", ["The sounding object is dog. Its coordinate of top left corner is (a,b)."],
+                 [P(label="dog", box=(1, 1, 9, 9))])  # fmt: skip
+    assert s4["parse_error_rate"] == arig["parse_error_rate"] == 1.0
+    assert s4["label_accuracy"] == arig["label_accuracy"] == 1.0
+    assert s4["box_iou"] == arig["box_iou"] == 0.0

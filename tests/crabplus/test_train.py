@@ -10,11 +10,12 @@ import pytest
 import torch
 from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
+from crabplus.config import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
 from crabplus.distributed import rank_batches
 from crabplus.models import ModelConfig
-from crabplus.train import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config, train
+from crabplus.train import train
 from safetensors.torch import load_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs"
@@ -31,7 +32,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def run_config(root: Path, out: Path, **train_kw) -> RunConfig:
     """A tiny I-LoRA run: dropout and an aux loss on, so RNG and aux handling matter for resume equality."""
     model = ModelConfig(r=4, lora_alpha=8, lora_dropout=0.1, num_experts=2, ilora_extra={"balance_loss_coef": 0.01})
-    t = dict(out=str(out), max_steps=5, batch_size=2, grad_accum=2, lr=1e-2, device="cpu", warmup_ratio=0.2)
+    # One thread: runs compared for exact equality must not depend on the machine's load (default_threads).
+    t = dict(out=str(out), max_steps=5, batch_size=2, grad_accum=2, lr=1e-2, device="cpu", warmup_ratio=0.2, threads=1)
     data = DataConfig(root=str(root), subsets=list(SUBSETS), frame_size=32)
     return RunConfig(data=data, model=model, train=TrainConfig(**{**t, **train_kw}), eval=EvalConfig(max_new_tokens=8))
 
@@ -137,3 +139,88 @@ def test_configs_start_with_their_command_and_load(name):
     assert text.startswith("# Run: .venv/bin/crabplus ")
     cls = TransferRunConfig if name.startswith("transfer") else RunConfig
     load_config(CONFIGS / name, cls=cls)
+
+
+def test_the_trainer_pieces_work_alone(tiny_data, tmp_path):
+    from crabplus.train import Trainer
+
+    trainer = Trainer(run_config(tiny_data, tmp_path, max_steps=3), progress=False).setup()
+    assert (trainer.step, trainer.total, trainer.global_batch) == (0, 3, 4)
+    assert (tmp_path / "config.yaml").is_file() and latest_checkpoint(tmp_path) is None
+    group = [trainer.collate([trainer.dataset[i] for i in batch])[0] for batch in ([0, 1], [2, 3])]
+    out = trainer.train_step(group)
+    assert trainer.step == 1 and math.isfinite(out.loss) and out.aux_loss > 0
+    assert out.lr == 0 < trainer.scheduler.get_last_lr()[0]  # warmup starts at 0, the scheduler stepped
+    saved = trainer.save()
+    assert saved.name == "step-000001" and latest_checkpoint(tmp_path) == saved
+    resumed = Trainer(run_config(tiny_data, tmp_path, max_steps=3), progress=False).setup()
+    assert resumed.step == 1 and resumed.checkpoint == saved
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_fall_back_to(tiny_data, tmp_path):
+    cfg = run_config(tiny_data, tmp_path, max_steps=3, save_every=1)
+    train(cfg, stop_after=2, progress=False)
+    newest = latest_checkpoint(tmp_path)
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError) as err:
+        train(cfg, progress=False)
+    message = str(err.value)
+    assert str(newest) in message and "step-000001" in message and "previous" in message and "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_missing_cuda_device_is_refused_before_the_run_folder_is_written(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.device: 'cuda' .*no usable CUDA"):
+        train(run_config(tiny_data, tmp_path / "run", device="cuda"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "blamed", "message"),
+    [
+        ("train:\n  lr: 1\n   epochs: 2\n", [], "cfg.yaml", "invalid YAML at line 3"),
+        ("train: {lr: 1}\n", ["train.lr=["], "--set 'train.lr=['", "invalid YAML"),
+        ("train: {lr: 1}\n", ["train.lrr=1"], "--set 'train.lrr=1'", "unknown key 'train.lrr'"),
+        ("train: {lr: 1}\n", ["train.lr=fast"], "--set 'train.lr=fast'", "expected a number"),
+        ("train: {lrr: 1}\n", ["train.lr=1"], "cfg.yaml", "unknown key"),
+        ("model: {num_experts: 0}\n", [], "cfg.yaml", "model.num_experts: must be a positive integer"),
+        ("train: {lr: 1}\n", ["model.num_experts=0"], "--set 'model.num_experts=0'", "model.num_experts"),
+        ("model: {ilora_extra: {top_k: 9, routing: topk}}\n", [], "cfg.yaml", "model.ilora_extra.top_k"),
+        ("train: {batch_size: 0}\n", [], "cfg.yaml", "train.batch_size: must be >= 1"),
+    ],
+)
+def test_config_errors_name_the_file_or_the_set_and_the_key(tmp_path, yaml_text, overrides, blamed, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        load_config(path, overrides)
+    text = str(err.value)
+    assert text.startswith(str(path) if blamed == "cfg.yaml" else blamed) and message in text, text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "processes", "want"),
+    [(2, 0.1, 1, 2), (2, 3.5, 1, 1), (16, 4.0, 1, 12), (16, 0.0, 4, 4), (16, 14.0, 2, 2), (1, 0.0, 1, 1)],
+)
+def test_default_threads_never_oversubscribe(monkeypatch, cores, load, processes, want):
+    import os
+
+    from crabplus.train import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert default_threads(processes) == want
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    import os
+
+    from crabplus.train import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(1) == 3

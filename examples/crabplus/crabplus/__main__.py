@@ -3,10 +3,13 @@
     crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
     crabplus train --config examples/crabplus/configs/tiny.yaml
     torchrun --nproc_per_node 2 -m crabplus train --config ... [--set train.strategy=fsdp]
-    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR]
+    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
     crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml
 
-Every command takes ``--set section.key=value`` (repeatable) to override a config field.
+Every command takes ``--set section.key=value`` (repeatable) to override a config field. Errors are one line on
+stderr naming what is wrong, with exit status 2; an interrupted run (SIGINT, SIGTERM) saves a checkpoint, says where
+it stopped and exits with 128 + the signal number. Nothing heavy (torch, transformers, PEFT) is imported before the
+arguments are parsed, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,18 +17,31 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from crabplus.config import RunConfig
 
-from crabplus.train import RunConfig, load_config
+
+def _version() -> str:
+    found = []
+    for name in ("crabplus", "ilora"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crabplus", description="The Crab+ recipe: train, evaluate, transfer, demo.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "train": "train (or resume) the run of a config",
@@ -48,78 +64,127 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the run's newest)")
             p.add_argument("--avvp-labels", type=Path, metavar="DIR",
                            help="LLP evaluation CSVs: the AVVP test references (default: <root>/avvp)")  # fmt: skip
+            p.add_argument("--out", type=Path, help="output folder (default: <run>/eval/<checkpoint name>)")
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace an evaluation of another checkpoint, subsets or config in that folder",
+            )
     return parser
 
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
+    import torch
+
+    from crabplus.data.synth import synthesize
     from crabplus.evaluate import evaluate
     from crabplus.plots import plot_loss, plot_router_usage
-    from crabplus.train import loss_summary, synthesize, train
+    from crabplus.train import loss_summary, train
 
     began = time.perf_counter()
     cfg.train.out = str(out)
     print(f"[1/4] synthetic AV-UIE dataset under {out / 'data'}")
     synthesize(cfg, out / "data")
     print(f"[2/4] training ({cfg.model.adapter}) into {out}")
+    trained_at = time.perf_counter()
     result = train(cfg, progress=progress)
+    train_s = time.perf_counter() - trained_at
     print(loss_summary(result.losses))
+    print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / max(len(result.steps), 1):.2f} s/step "
+          f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores)")  # fmt: skip
+    if result.interrupted:
+        return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")
     ev = evaluate(cfg, progress=progress)
     print(ev.table)
+    for subset, why in ev.not_evaluated.items():
+        print(f"not evaluated: {subset} {why}")
     print("[4/4] plots")
     plots = [plot_loss(out / "train_log.csv", out / "loss.png")]
     if ev.usage:
-        plots.append(plot_router_usage(ev.usage, out / "router_usage.png"))
+        plots.append(plot_router_usage(ev.usage, out / "router_usage.png", missing=ev.not_evaluated))
     wall = time.perf_counter() - began
     print(f"done in {wall:.0f}s: {', '.join(map(str, plots))}; predictions and metrics in {ev.out_dir}")
     return {"train": result, "eval": ev, "plots": plots, "wall_s": wall}
+
+
+def _check_out(path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out: {path} is a file, not a folder")
+
+
+def _interrupted(result) -> int:
+    """The one line an interrupted run prints; the exit status of the signal."""
+    print(f"crabplus: {result.interrupted} at step {result.steps[-1] if result.steps else '?'} of "
+          f"{result.total_steps}; checkpoint {result.checkpoint}; run the same command to resume",
+          file=sys.stderr)  # fmt: skip
+    return 128 + getattr(signal, result.interrupted, signal.SIGTERM)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from crabplus.config import load_config
+
+    progress = not args.quiet
+    _check_out(getattr(args, "out", None))
+    if args.command == "transfer":
+        from crabplus.transfer import TransferRunConfig, run_transfer
+
+        tcfg = load_config(args.config, args.overrides, TransferRunConfig)
+        if args.out:
+            tcfg.transfer.out = str(args.out)
+        run_transfer(tcfg, progress=progress)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "avvp_labels", None):
+        cfg.data.avvp_labels = str(args.avvp_labels)
+    if args.command == "evaluate":
+        from crabplus.evaluate import evaluate
+
+        ev = evaluate(cfg, args.checkpoint, args.out, progress=progress, overwrite=args.overwrite)
+        print(ev.table)
+        print(f"wrote {ev.out_dir}")
+        return 0
+    if args.out:
+        cfg.train.out = str(args.out)
+    if args.command == "demo":
+        result = demo(cfg, Path(cfg.train.out), progress)["train"]
+        return _interrupted(result) if result.interrupted else 0
+    import torch
+
+    from crabplus.train import loss_summary, train
+
+    result = train(cfg, stop_after=args.stop_after, progress=progress)
+    if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
+        main_rank = torch.distributed.get_rank() == 0
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return 128 + getattr(signal, result.interrupted, signal.SIGTERM) if result.interrupted else 0
+    print(loss_summary(result.losses))
+    if result.interrupted:
+        return _interrupted(result)
+    print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crabplus`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    progress = not args.quiet
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"crabplus {args.command}: error: runs in one process; only `train` takes torchrun / accelerate launch",
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        if args.command == "transfer":
-            from crabplus.transfer import TransferRunConfig, run_transfer
-
-            tcfg = load_config(args.config, args.overrides, TransferRunConfig)
-            if args.out:
-                tcfg.transfer.out = str(args.out)
-            run_transfer(tcfg, progress=progress)
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if getattr(args, "out", None):
-            cfg.train.out = str(args.out)
-        if getattr(args, "avvp_labels", None):
-            cfg.data.avvp_labels = str(args.avvp_labels)
-        if args.command == "demo":
-            demo(cfg, Path(cfg.train.out), progress)
-        elif args.command == "train":
-            from crabplus.train import loss_summary, train
-
-            result = train(cfg, stop_after=args.stop_after, progress=progress)
-            if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
-                main_rank = torch.distributed.get_rank() == 0
-                torch.distributed.destroy_process_group()
-                if not main_rank:
-                    return 0
-            print(loss_summary(result.losses))
-            print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
-        else:
-            from crabplus.evaluate import evaluate
-
-            print(evaluate(cfg, args.checkpoint, progress=progress).table)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return _run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # outside the training loop (loading, evaluating): nothing of this phase to save
+        print(f"crabplus {args.command}: interrupted outside a training step; checkpoints already written are kept "
+              "and the same command continues from them", file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -66,10 +66,17 @@ class World:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device``: ``auto`` is CUDA when available, else CPU."""
+    """``train.device``: ``auto`` is CUDA when available, else CPU; a CUDA device this machine lacks is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device: {name!r} but this machine has no usable CUDA device (torch "
+                             f"{torch.__version__}); use train.device=cpu or auto")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def init_world(device: str = "auto") -> World:

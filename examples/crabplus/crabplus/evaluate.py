@@ -1,20 +1,26 @@
 """Evaluation of a trained run: generate (batched, greedy, KV cache) -> parse -> score, per subset.
 
-    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR]
+    crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
 
-Writes under ``<run>/eval/``: ``predictions.jsonl`` (one line per sample: subset, ids, prompt, text, parsed structure,
-parse error, reference), ``metrics.csv`` (subset, family, metric, value) and ``metrics.md`` (the printed table), plus
-``router_usage.csv`` for I-LoRA models. Segmentation subsets get SAM2 masks from the predicted box and points when
-``eval.sam2`` names a model; without one, boxes are scored (IoU) and mask metrics are left out, as the table says.
+Each evaluation writes its own folder, ``<run>/eval/<checkpoint>/`` (or ``--out``): ``predictions.jsonl`` (one line
+per sample: subset, ids, prompt, text, parsed structure, parse error, reference), ``metrics.csv`` (subset, family,
+metric, value, note), ``metrics.md`` (the printed table, headed by what produced it), ``eval.json`` (the checkpoint,
+the subsets evaluated and those not evaluated with why, and the whole config), plus ``router_usage.csv`` for I-LoRA
+models. A folder holding another evaluation (another checkpoint, subsets or config) is never overwritten unless
+asked. Beside each accuracy the table prints the majority-class and chance rates of that test set. Segmentation
+subsets get SAM2 masks from the predicted box and points when ``eval.sam2`` names a model; without one, boxes are
+scored (IoU) and mask metrics are left out, as the table says.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +33,124 @@ from crabplus.models import build_model
 
 # isort: split
 from crabplus.checkpoint import latest_checkpoint, load_weights
+from crabplus.config import RunConfig, config_dict
+from crabplus.data.batches import open_split
 from crabplus.data.media import read_mask
 from crabplus.distributed import resolve_device
 from crabplus.generate import predict
 from crabplus.interface import Prediction
-from crabplus.metrics import score
+from crabplus.metrics import normalize, score
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
 from crabplus.segment import prompt_mask, sam2_prompt
 from crabplus.tasks import get_task
-from crabplus.train import RunConfig, train_dataset
 
+log = logging.getLogger(__name__)
 MASK_METRICS = ("mask_j", "mask_f", "s_metric")
+# The class accuracies that get majority-class and chance baselines, and what a reference's class is.
+_CLASS_OF = {
+    "answer": ("accuracy", lambda r: normalize(r.label), None),
+    "match": ("accuracy", lambda r: r.choice, 2),
+    "ref": ("exist_accuracy", lambda r: r.exists, 2),
+    "box_points": ("label_accuracy", lambda r: normalize(r.label), None),
+    "grounding": ("label_accuracy", lambda r: normalize(r.label), None),
+}
+CIDER_NOTE = ("CIDEr not shown: with one sample or identical references every n-gram is in every reference, so its "
+              "document-frequency weight (IDF) is 0 and CIDEr is 0 even for a perfect caption")  # fmt: skip
 
 
 @dataclass
 class EvalResult:
     out_dir: Path
     scores: dict[str, dict[str, float]]
-    """Per subset: the metrics of ``crabplus.metrics.score`` (plus ``n`` and ``parse_error_rate``)."""
+    """Per subset: the metrics of ``crabplus.metrics.score`` (plus ``n``, ``parse_error_rate`` and, for class
+    accuracies, ``<metric>_majority`` and ``<metric>_chance``)."""
     notes: dict[str, str]
     table: str
     usage: dict[str, dict[str, list[float]]] | None
     """Per subset, per routed layer: mean routing weight per expert (I-LoRA models only)."""
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    """Subsets asked for (or trained on) that were not scored, with why."""
+
+
+def resolve_checkpoint(cfg: RunConfig, checkpoint: str | Path | None = None) -> Path:
+    """``checkpoint``, checked to be a checkpoint folder, or the run's newest one."""
+    if checkpoint is None:
+        ckpt = latest_checkpoint(cfg.train.out)
+        if ckpt is None:
+            raise FileNotFoundError(f"train.out: no checkpoint under {cfg.train.out}/checkpoints (train first)")
+        return ckpt
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--checkpoint: {ckpt} does not exist (checkpoints are <run>/checkpoints/step-N)")
+    if not (ckpt / "adapter").is_dir():
+        raise FileNotFoundError(f"--checkpoint: {ckpt} is not a checkpoint (no adapter/ folder in it; checkpoints "
+                                "are <run>/checkpoints/step-N)")  # fmt: skip
+    return ckpt
 
 
 def load_trained(cfg: RunConfig, checkpoint: str | Path | None = None) -> tuple[nn.Module, ChatProcessor]:
     """The configured model with the trained weights of ``checkpoint`` (default: the run's newest checkpoint)."""
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.train.out)
-    if ckpt is None:
-        raise FileNotFoundError(f"train.out: no checkpoint under {cfg.train.out}/checkpoints (train first)")
+    ckpt = resolve_checkpoint(cfg, checkpoint)
+    device = resolve_device(cfg.train.device)
     model, processor = build_model(cfg.model)
     load_weights(model, ckpt / "adapter")
-    return model.to(resolve_device(cfg.train.device)).eval(), processor
+    return model.to(device).eval(), processor
 
 
-def eval_samples(cfg: RunConfig) -> dict[str, list[Sample]]:
-    """The test samples per evaluated subset (the first ``eval.max_samples`` readable ones with a reference)."""
-    names = cfg.eval.subsets or [s for s in cfg.subsets() if get_task(s).has_test]
-    dataset = train_dataset(cfg, split="test", subsets=names)
+def _no_test_split(cfg: RunConfig, name: str) -> str | None:
+    path = Path(cfg.data.root) / name / "test.json"
+    if path.is_file():
+        return None
+    if not get_task(name).has_test:
+        return "has no test split (the AV-UIE v2 release ships none for it)"
+    return f"has no test split in data.root ({path} is missing)"
+
+
+def eval_samples(cfg: RunConfig) -> tuple[dict[str, list[Sample]], dict[str, str]]:
+    """The test samples per evaluated subset (the first ``eval.max_samples`` readable ones with a reference), and the
+    subsets left out with why. Raises ``ValueError`` when ``eval.subsets`` names only subsets that cannot be scored."""
+    names = list(cfg.eval.subsets or cfg.subsets())
+    skipped = {n: why for n in names if (why := _no_test_split(cfg, n))}
+    names = [n for n in names if n not in skipped]
     out: dict[str, list[Sample]] = {name: [] for name in names}
-    for sample in dataset:
-        ref = sample.meta.get("reference")
-        keep = cfg.eval.max_samples is None or len(out[sample.subset]) < cfg.eval.max_samples
-        if keep and isinstance(ref, Prediction) and ref.ok:
-            out[sample.subset].append(sample)
-    return {k: v for k, v in out.items() if v}
+    if names:
+        for sample in open_split(cfg, split="test", subsets=names):
+            ref = sample.meta.get("reference")
+            keep = cfg.eval.max_samples is None or len(out[sample.subset]) < cfg.eval.max_samples
+            if keep and isinstance(ref, Prediction) and ref.ok:
+                out[sample.subset].append(sample)
+    for name in [n for n, v in out.items() if not v]:
+        skipped[name] = "has no readable test record with a reference (see the load report above)"
+    out = {k: v for k, v in out.items() if v}
+    if not out:
+        where = "eval.subsets" if cfg.eval.subsets else f"data.root: {cfg.data.root}"
+        raise ValueError(f"{where}: nothing to evaluate: " + "; ".join(f"{n} {why}" for n, why in skipped.items()))
+    return out, skipped
+
+
+def baselines(subset: str, refs: Sequence[Prediction]) -> dict[str, float]:
+    """The majority-class rate (always answering the commonest reference class) and the chance rate (a uniform guess
+    over the classes: 2 for matching and Ref-AVS existence, else the distinct classes of this test set) of the
+    subset's class accuracy: ``{"<metric>_majority": ..., "<metric>_chance": ...}`` (empty for other metrics)."""
+    kind = get_task(subset).answer_kind
+    if kind not in _CLASS_OF or not refs:
+        return {}
+    metric, key, classes = _CLASS_OF[kind]
+    if metric not in get_task(subset).metrics:
+        return {}
+    counts = Counter(key(r) for r in refs)
+    return {
+        f"{metric}_majority": max(counts.values()) / len(refs),
+        f"{metric}_chance": 1 / (classes or len(counts)),
+    }
+
+
+def caption_note(refs: Sequence[Prediction]) -> str | None:
+    """Why CIDEr cannot be read on this test set (one sample, or identical references), or None."""
+    if len(refs) <= 1 or len({normalize(r.caption) for r in refs}) == 1:
+        return CIDER_NOTE
+    return None
 
 
 def _segmenter(spec: str | None):
@@ -105,28 +183,43 @@ def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Predic
 @torch.no_grad()
 def routing_usage(model: nn.Module, processor: ChatProcessor, samples: Sequence[Sample]) -> dict[str, list[float]]:
     """Mean routing weight per expert for each routed layer over the samples' prompt tokens (one sample per forward,
-    so no padding token is counted)."""
+    so no padding token is counted), layers in the model's order."""
     device = next(model.parameters()).device
     with ilora.record_routing() as recorder:
         for sample in samples:
             item = processor(Sample(sample.subset, sample.instruction, "", sample.frames, sample.audio, sample.meta))
             batch = {k: v.to(device) for k, v in processor.collate([item]).items()}
             model(**batch)
-    return {layer: usage.tolist() for layer, usage in recorder.usage().items()}
+    usage = recorder.usage()
+    order = dict.fromkeys(m.ilora_name for m in model.modules() if isinstance(m, ilora.ILoraLayer))
+    return {layer: usage[layer].tolist() for layer in [*order, *usage] if layer in usage}  # the model's order
 
 
 def _fmt(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def format_table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
-    """A markdown table, one row per subset: family, n, parse errors, the registry's metrics, notes."""
+_EXTRA = ("n", "parse_error_rate")
+
+
+def format_table(
+    scores: dict[str, dict[str, float]], notes: dict[str, str], not_evaluated: dict[str, str] | None = None
+) -> str:
+    """A markdown table, one row per subset: family, n, parse errors, the registry's metrics (class accuracies with
+    their majority-class and chance rates), notes; then a row per subset not evaluated, saying why."""
     lines = ["| family | subset | n | parse err | metrics | note |", "|---|---|---|---|---|---|"]
     for subset, s in scores.items():
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in s.items() if k not in ("n", "parse_error_rate"))
-        family = get_task(subset).family
-        lines.append(f"| {family} | {subset} | {int(s['n'])} | {_fmt(s['parse_error_rate'])} | {metrics} | "
-                     f"{notes.get(subset, '')} |")  # fmt: skip
+        parts = []
+        for k, v in s.items():
+            if k in _EXTRA or k.endswith(("_majority", "_chance")):
+                continue
+            base = (f" (majority {_fmt(s[k + '_majority'])}, chance {_fmt(s[k + '_chance'])})"
+                    if k + "_majority" in s else "")  # fmt: skip
+            parts.append(f"{k} {_fmt(v)}{base}")
+        lines.append(f"| {get_task(subset).family} | {subset} | {int(s['n'])} | {_fmt(s['parse_error_rate'])} | "
+                     f"{', '.join(parts)} | {notes.get(subset, '')} |")  # fmt: skip
+    for subset, why in (not_evaluated or {}).items():
+        lines.append(f"| {get_task(subset).family} | {subset} | 0 | - | not evaluated | {subset} {why} |")
     return "\n".join(lines)
 
 
@@ -139,6 +232,57 @@ def write_usage_csv(path: Path, usage: dict[str, dict[str, list[float]]]) -> Non
                 writer.writerows([subset, layer, e, f"{w:.6f}"] for e, w in enumerate(weights))
 
 
+def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> None:
+    """Make ``out`` the folder of the evaluation described by ``provenance``. Refuses a file, and a folder holding
+    another evaluation (different checkpoint, subsets or config) or other files, unless ``overwrite``; the same
+    evaluation again (same provenance) replaces its own identical results."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} is a file, not a folder")
+    record = out / "eval.json"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if not record.is_file():
+            raise FileExistsError(f"{out} already holds files that are not an evaluation; use another --out")
+        before = json.loads(record.read_text())
+        if before.get("provenance") != provenance:
+            what = [k for k in provenance if before.get("provenance", {}).get(k) != provenance[k]]
+            raise FileExistsError(f"{out} holds the evaluation of another {' and '.join(what)} "
+                                  f"({before.get('provenance', {}).get('checkpoint')}); pass --overwrite to replace "
+                                  "it or --out for another folder")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"provenance": provenance, "complete": False}, indent=1) + "\n")
+
+
+def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], results: list, segmenter) -> tuple[dict, str]:
+    """The subset's scores (with baselines) and its table note."""
+    spec = get_task(subset)
+    preds, refs = [p for _, p in results], [s.meta["reference"] for s in group]
+    masks: dict = {}
+    note = ""
+    if any(m in spec.metrics for m in MASK_METRICS):
+        if segmenter is None:
+            note = "masks skipped: no SAM2 configured (eval.sam2); boxes scored"
+        else:
+            pred_masks, gt_masks, why = predicted_masks(segmenter, group, preds)
+            if pred_masks is None:
+                note = f"masks skipped: {why}"
+            else:
+                masks = dict(pred_masks=pred_masks, gt_masks=gt_masks)
+                if cfg.eval.sam2 == "tiny":
+                    note = "masks from a random tiny SAM2 (plumbing check, not a score)"
+    splits = [(s.meta.get("ids") or {}).get("split") for s in group]  # Ref-AVS: test_s / test_u / test_n
+    scores = score(subset, preds, refs, meteor=cfg.eval.meteor, splits=splits, **masks) | baselines(subset, refs)
+    if "cider" in scores and (why := caption_note(refs)):
+        scores["cider"], note = float("nan"), why
+    return scores, note
+
+
+def _provenance(cfg: RunConfig, checkpoint: Path | None, subsets: list[str]) -> dict:
+    return json.loads(json.dumps({
+        "checkpoint": str(checkpoint.resolve()) if checkpoint else "a model given in memory",
+        "subsets": subsets, "config": config_dict(cfg),
+    }))  # fmt: skip
+
+
 def evaluate(
     cfg: RunConfig,
     checkpoint: str | Path | None = None,
@@ -146,58 +290,62 @@ def evaluate(
     progress: bool = True,
     model: nn.Module | None = None,
     processor: ChatProcessor | None = None,
+    overwrite: bool = False,
 ) -> EvalResult:
-    """Score the run's model on the configured test subsets and write predictions, tables and router usage."""
-    if model is None or processor is None:
-        model, processor = load_trained(cfg, checkpoint)
-    out = Path(out_dir or Path(cfg.train.out) / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    samples = eval_samples(cfg)
-    if not samples:
-        raise ValueError(f"data.root: no test records with references in {cfg.data.root} for the evaluated subsets")
+    """Score the run's model on the configured test subsets and write predictions, tables and router usage into
+    ``out_dir`` (default ``<run>/eval/<checkpoint name>``), refusing to replace another evaluation unless
+    ``overwrite``."""
+    ckpt = None if model is not None and processor is not None else resolve_checkpoint(cfg, checkpoint)
+    samples, not_evaluated = eval_samples(cfg)
+    out = Path(out_dir) if out_dir else Path(cfg.train.out) / "eval" / (ckpt.name if ckpt else "model")
+    provenance = _provenance(cfg, ckpt, list(samples))
+    claim_out_dir(out, provenance, overwrite)
+    for subset, why in not_evaluated.items():
+        log.warning("not evaluated: %s %s", subset, why)
+    if ckpt is not None:
+        model, processor = load_trained(cfg, ckpt)
     segmenter = _segmenter(cfg.eval.sam2)
     routed = any(isinstance(m, ilora.ILoraLayer) for m in model.modules())
     scores, notes, usage = {}, {}, {}
     bar = tqdm(total=sum(map(len, samples.values())), desc="evaluate", unit="sample", disable=not progress)
     with (out / "predictions.jsonl").open("w") as f:
         for subset, group in samples.items():
-            spec = get_task(subset)
             results = []
             for start in range(0, len(group), cfg.eval.batch_size):
                 chunk = group[start : start + cfg.eval.batch_size]
                 results += predict(model, processor, chunk, max_new_tokens=cfg.eval.max_new_tokens,
                                    batch_size=cfg.eval.batch_size)  # fmt: skip
                 bar.update(len(chunk))
-            preds, refs = [p for _, p in results], [s.meta["reference"] for s in group]
-            masks: dict = {}
-            if any(m in spec.metrics for m in MASK_METRICS):
-                if segmenter is None:
-                    notes[subset] = "masks skipped: no SAM2 configured (eval.sam2); boxes scored"
-                else:
-                    pred_masks, gt_masks, why = predicted_masks(segmenter, group, preds)
-                    if pred_masks is None:
-                        notes[subset] = f"masks skipped: {why}"
-                    else:
-                        masks = dict(pred_masks=pred_masks, gt_masks=gt_masks)
-                        if cfg.eval.sam2 == "tiny":
-                            notes[subset] = "masks from a random tiny SAM2 (plumbing check, not a score)"
-            splits = [(s.meta.get("ids") or {}).get("split") for s in group]  # Ref-AVS: test_s / test_u / test_n
-            scores[subset] = score(subset, preds, refs, meteor=cfg.eval.meteor, splits=splits, **masks)
-            for sample, (text, pred), ref in zip(group, results, refs):
+            scores[subset], note = _score_subset(cfg, subset, group, results, segmenter)
+            if note:
+                notes[subset] = note
+            for sample, (text, pred) in zip(group, results):
                 record = dict(subset=subset, file=sample.meta.get("file"), index=sample.meta.get("index"),
                               ids=sample.meta.get("ids"), prompt=sample.instruction, text=text,
-                              parsed=pred.structure(), error=pred.error, reference=ref.structure())  # fmt: skip
+                              parsed=pred.structure(), error=pred.error,
+                              reference=sample.meta["reference"].structure())  # fmt: skip
                 f.write(json.dumps(record, default=list) + "\n")
             if routed:
                 usage[subset] = routing_usage(model, processor, group)
     bar.close()
-    table = format_table(scores, notes)
-    (out / "metrics.md").write_text(table + "\n")
+    table = format_table(scores, notes, not_evaluated)
+    _write_outputs(out, provenance, scores, notes, not_evaluated, table, usage if routed else None)
+    return EvalResult(out, scores, notes, table, usage if routed else None, not_evaluated)
+
+
+def _write_outputs(out: Path, provenance: dict, scores: dict, notes: dict, not_evaluated: dict, table: str,
+                   usage: dict | None) -> None:  # fmt: skip
+    header = (f"<!-- checkpoint: {provenance['checkpoint']}; subsets: {', '.join(provenance['subsets'])}; "
+              "config: eval.json -->")  # fmt: skip
+    (out / "metrics.md").write_text(f"{header}\n{table}\n")
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["subset", "family", "metric", "value", "note"])
         for subset, s in scores.items():
             writer.writerows([subset, get_task(subset).family, k, v, notes.get(subset, "")] for k, v in s.items())
-    if routed:
+        writer.writerows([subset, get_task(subset).family, "", "", f"not evaluated: {subset} {why}"]
+                         for subset, why in not_evaluated.items())  # fmt: skip
+    if usage is not None:
         write_usage_csv(out / "router_usage.csv", usage)
-    return EvalResult(out, scores, notes, table, usage if routed else None)
+    record = {"provenance": provenance, "complete": True, "not_evaluated": not_evaluated}
+    (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -60,8 +60,13 @@ class Prediction:
         return self.error is None
 
     def structure(self) -> dict[str, object]:
-        """The set fields, ``error`` excluded (for comparisons and reports)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "error" and getattr(self, f.name)}
+        """The set fields (those not at their empty default: ``exists=False`` and ``choice=0`` are kept), ``error``
+        excluded (for comparisons and reports)."""
+        return {
+            f.name: value
+            for f in fields(self)
+            if f.name != "error" and (value := getattr(self, f.name)) is not None and value != ()
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------- format
@@ -162,8 +167,9 @@ def _format_avvp(tag: str, events: tuple[Event, ...]) -> str:
 
 
 def _need_box(subset: str, box: Box | None) -> Box:
-    if box is None or len(box) != 4 or min(box) < 0:
-        raise ValueError(f"{subset}: box must be four non-negative pixel coordinates, got {box!r}")
+    if box is None or len(box) != 4 or min(box) < 0 or _box_error(box):
+        raise ValueError(f"{subset}: box must be four non-negative pixel coordinates with x1 < x2 and y1 < y2, "
+                         f"got {box!r}")  # fmt: skip
     return box
 
 
@@ -179,7 +185,7 @@ def _box_sentence(subset: str, s: Prediction) -> str:
 
 _FLAGS = re.IGNORECASE | re.DOTALL
 _NUMBER = r"(\d+(?:\.\d+)?)"
-_ANSWER = re.compile(r"<\s*answer\s*>(.*?)(?:<\s*/\s*answer\s*>|$)", _FLAGS)
+_ANSWER = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", _FLAGS)
 _EVENT_TAG = re.compile(r"<\s*event\s*>(.*?)<\s*/\s*event\s*>", _FLAGS)
 _RANGE_TAG = re.compile(r"<\s*range\s*>(.*?)<\s*/\s*range\s*>", _FLAGS)
 _AVVP_TAG = re.compile(r"<\s*(visual|audio)(?:_event)?\s*>(.*?)<\s*/\s*\1(?:_event)?\s*>", _FLAGS)
@@ -203,12 +209,38 @@ _CHOICE_WORDS = {"1": 1, "one": 1, "first": 1, "2": 2, "two": 2, "second": 2}
 _STOP = re.compile(r"<\|im_end\|>|</s>")
 
 
+# The tags each answer kind is read from (``visual`` stands for Crab's ``<visual>`` and ``<visual_event>``).
+_KIND_TAGS = {"answer": ("answer",), "match": ("answer",), "ref": ("answer",), "events": ("event", "range"),
+              "avvp": ("visual", "audio")}  # fmt: skip
+
+
+def tag_error(text: str, names: tuple[str, ...]) -> str | None:
+    """Why the ``<name>...</name>`` tags of ``names`` in ``text`` are not well formed (unterminated, nested, a stray
+    closing tag), or None. ``visual_event`` / ``audio_event`` count as ``visual`` / ``audio``."""
+    pattern = re.compile(rf"<\s*(/?)\s*({'|'.join(names)})(?:_event)?\s*>", _FLAGS)
+    open_tag = None
+    for found in pattern.finditer(text):
+        closing, name = bool(found.group(1)), found.group(2).lower()
+        if not closing and open_tag is not None:
+            return f"<{name}> inside an unterminated <{open_tag}> tag"
+        if closing and open_tag != name:
+            return f"</{name}> closes no open <{name}> tag"
+        open_tag = None if closing else name
+    return f"unterminated <{open_tag}> tag" if open_tag else None
+
+
 def parse(subset: str, text: object) -> Prediction:
-    """Read ``subset``'s structured answer from ``text``; never raises on the text (raises only for a bad subset)."""
+    """Read ``subset``'s structured answer from ``text``; never raises on the text (raises only for a bad subset).
+
+    Only a well-formed answer parses: tags closed and not nested, boxes with ``x1 < x2`` and ``y1 < y2``. Where the
+    object's name is readable but its location is not (box and point answers), the name is kept beside the error, so
+    the label scores alike in every such task while the answer counts as a parse error."""
     kind = get_task(subset).answer_kind
     if not isinstance(text, str):
         return Prediction(error=f"prediction is {type(text).__name__}, not text")
     text = _STOP.split(text, maxsplit=1)[0]
+    if kind in _KIND_TAGS and (why := tag_error(text, _KIND_TAGS[kind])):
+        return Prediction(error=why)
     try:
         return _PARSERS[kind](text)
     except (ValueError, IndexError, OverflowError) as exc:  # a malformed number or an absurd value
@@ -302,19 +334,31 @@ def _coordinates(text: str) -> tuple[Box | None, tuple[Point, ...]]:
     return box, tuple(points)
 
 
+def _box_error(box: Box | None) -> str | None:
+    if box is not None and not (box[0] < box[2] and box[1] < box[3]):
+        return f"box {list(box)} is empty (needs x1 < x2 and y1 < y2)"
+    return None
+
+
 def _parse_box_points(text: str) -> Prediction:
     box, points = _coordinates(text)
+    label = _object_name(text)
     if box is None and not points:
-        return Prediction(error="no [x1,y1,x2,y2] box or [x,y] point")
-    return Prediction(label=_object_name(text), box=box, points=points)
+        return Prediction(label=label, error="no [x1,y1,x2,y2] box or [x,y] point")
+    if why := _box_error(box):
+        return Prediction(label=label, error=why)
+    return Prediction(label=label, box=box, points=points)
 
 
 def _parse_grounding(text: str) -> Prediction:
     found = _CORNERS.search(text) or _OBJ_TAG.search(text)
     box = tuple(round(float(v)) for v in found.groups()) if found else _coordinates(text)[0]
+    label = _object_name(text)
     if box is None:
-        return Prediction(error="no box (corner sentence, <obj> tag or [x1,y1,x2,y2])")
-    return Prediction(label=_object_name(text), box=box)
+        return Prediction(label=label, error="no box (corner sentence, <obj> tag or [x1,y1,x2,y2])")
+    if why := _box_error(box):
+        return Prediction(label=label, error=why)
+    return Prediction(label=label, box=box)
 
 
 def _parse_ref(text: str) -> Prediction:
@@ -325,7 +369,7 @@ def _parse_ref(text: str) -> Prediction:
         return Prediction(exists=False)
     located = _parse_box_points(text)
     if located.error:
-        return Prediction(exists=True, error=f"answered true but {located.error}")
+        return Prediction(exists=True, label=located.label, error=f"answered true but {located.error}")
     return Prediction(exists=True, label=located.label, box=located.box, points=located.points)
 
 

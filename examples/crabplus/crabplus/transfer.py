@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from crabplus.evaluate import evaluate
-from crabplus.plots import plot_router_usage, plot_transfer
+from crabplus.config import RunConfig
 from crabplus.tasks import get_task
-from crabplus.train import RunConfig, loss_summary, synthesize, train
 
 LOWER_IS_BETTER = ("s_metric",)
 
@@ -111,6 +109,8 @@ def write_transfer(rows: list[TransferRow], out: Path) -> tuple[str, Path]:
         writer = csv.writer(f)
         writer.writerow(["adapter", "task", "metric", "single", "multi", "transfer"])
         writer.writerows([r.adapter, r.task, r.metric, r.single, r.multi, r.delta] for r in rows)
+    from crabplus.plots import plot_transfer
+
     table = transfer_table(rows)
     (out / "transfer.md").write_text(table + "\n")
     deltas: dict[str, dict[str, float]] = {}
@@ -132,6 +132,11 @@ def _run_config(cfg: TransferRunConfig, adapter: str, tasks: list[str], name: st
 def run_transfer(cfg: TransferRunConfig, progress: bool = True) -> list[TransferRow]:
     """Train and score every (adapter, single task | all tasks) run, then write the transfer table and plots.
     Finished runs are kept: running again resumes and re-scores."""
+    from crabplus.data.synth import synthesize
+    from crabplus.evaluate import evaluate
+    from crabplus.plots import plot_router_usage
+    from crabplus.train import loss_summary, train
+
     out = Path(cfg.transfer.out)
     if cfg.transfer.synthesize:
         synthesize(cfg, out / "data")

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..processor import ChatProcessor, ModularProcessor, OmniProcessor, ProcessorConfig
-from .adapters import AdapterKind, AdapterSettings, Part, PartMode, apply_trainability, part_of
+from .adapters import AdapterKind, AdapterSettings, Part, PartMode, apply_trainability, part_of, peft_config_for
 from .modular import MODULAR_PARTS, CrabModularModel, build_tiny_modular, load_modular
 from .omni import OMNI_PARTS, build_tiny_omni, load_omni
 
@@ -38,6 +39,7 @@ __all__ = [
     "CrabModularModel",
     "ModelConfig",
     "build_model",
+    "check_model_config",
     "model_parts",
     "part_of",
 ]
@@ -116,7 +118,13 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, ChatProcessor]:
             model, tokenizer = load_modular(cfg.path, dtype, num_queries=cfg.num_queries)
         processor = ModularProcessor(tokenizer, model.config, cfg.processor)
     model = model.to(dtype)
-    settings = AdapterSettings(
+    model = apply_trainability(model, model_parts(cfg.paradigm), modes, cfg.adapter, adapter_settings(cfg))
+    return model, processor
+
+
+def adapter_settings(cfg: ModelConfig) -> AdapterSettings:
+    """The adapter part of ``cfg``, with the paradigm's default preset filled in."""
+    return AdapterSettings(
         preset=cfg.preset or ("crabplus" if cfg.paradigm == "omni" else "crab"),
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
@@ -125,5 +133,20 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, ChatProcessor]:
         extra=dict(cfg.ilora_extra),
         train_vocab=cfg.train_vocab,
     )
-    model = apply_trainability(model, model_parts(cfg.paradigm), modes, cfg.adapter, settings)
-    return model, processor
+
+
+_CONFIG_FIELD = re.compile(r"^(?:ILoraConfig|LoraConfig)\.(\w+):\s*")
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Validate ``cfg`` without building a model: the part modes and the adapter's PEFT config (``ILoraConfig`` or
+    ``LoraConfig``). Raises ``ValueError`` naming the config key (``model.num_experts: ...``)."""
+    try:
+        peft_config_for(model_parts(cfg.paradigm), cfg.modes(), cfg.adapter, adapter_settings(cfg))
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        if found := _CONFIG_FIELD.match(text):
+            name = found.group(1)
+            key = f"model.{name}" if name in ModelConfig.__dataclass_fields__ else f"model.ilora_extra.{name}"
+            raise ValueError(f"{key}: {text[found.end() :]}") from None
+        raise ValueError(f"model: {text.removeprefix('ModelConfig.')}") from None

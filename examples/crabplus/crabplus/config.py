@@ -1,0 +1,273 @@
+"""The run configuration: its schema (data, model, train, eval sections) and the YAML loader with ``--set`` overrides.
+
+    from crabplus.config import RunConfig, load_config
+
+    cfg = load_config("examples/crabplus/configs/tiny.yaml", ["train.max_steps=20"])
+
+Every field is checked when the config loads, before any data or model is touched: an unknown key, a wrongly typed
+value or an invalid adapter setting (``model.num_experts: 0``) is refused by a ``ValueError`` naming the key and
+where it came from (the YAML file, or the ``--set`` that gave it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from crabplus.distributed import Strategy
+from crabplus.models import ModelConfig, check_model_config
+from crabplus.tasks import SUBSETS, get_task
+
+
+@dataclass
+class SynthSettings:
+    """Size of the synthetic dataset ``crabplus demo`` generates (``crabplus.data.synth.generate``)."""
+
+    train: int = 12
+    test: int = 4
+    seed: int = 0
+    size: int = 64
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/avuie_tiny"
+    """AV-UIE v2 root (``<root>/<subset>/train.json``)."""
+    subsets: list[str] | dict[str, float] | None = None
+    """Subset names, ``{name: mixing ratio}``, or None for all 19."""
+    frame_size: int | None = 224
+    check_media: Literal["open", "exists", "none"] = "open"
+    num_workers: int = 0
+    synth: SynthSettings = field(default_factory=SynthSettings)
+    avvp_labels: str | None = None
+    """Directory of the LLP evaluation files (AVVP_eval_audio.csv, AVVP_eval_visual.csv) that hold the AVVP test
+    references; None: ``<root>/avvp/`` (``crabplus.data.llp``)."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/tiny"
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides ``epochs`` when set."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; None: no clipping (the authors' Crab+ run, configs/crabplus_7b.yaml)."""
+    seed: int = 0
+    bf16: bool = False
+    """bfloat16 autocast (CUDA); trainable weights stay float32."""
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    strategy: Strategy = "auto"
+    """Data parallelism over the processes ``torchrun`` / ``accelerate launch`` start: ``ddp``, ``fsdp`` (FSDP2),
+    ``deepspeed`` (with ``deepspeed_config``) or ``none``; ``auto``: DDP when there are several processes.
+    ``batch_size`` is per process: the global batch of a step is ``batch_size x grad_accum x processes``."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON config (``configs/zero2.json``: ZeRO-2 as in the paper)."""
+
+
+@dataclass
+class EvalConfig:
+    subsets: list[str] | None = None
+    """Subsets to evaluate (None: the training subsets that ship a test split)."""
+    max_samples: int | None = None
+    """Per subset."""
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    sam2: str | None = None
+    """Segmentation stage 2: None (score boxes only), ``"tiny"`` (random tiny SAM2, a plumbing check) or a local
+    SAM2 checkpoint directory."""
+    meteor: bool = False
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ValueError(f"train.max_steps: must be >= 1 or null, got {t.max_steps}")
+        if not 0 <= t.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+        if t.lr <= 0:
+            raise ValueError(f"train.lr: must be positive, got {t.lr}")
+        if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+            raise ValueError(f"train.device: must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+        if t.threads is not None and t.threads < 1:
+            raise ValueError(f"train.threads: must be >= 1 or null, got {t.threads}")
+        for section in ("data", "eval"):
+            for name in getattr(self, section).subsets or ():
+                try:
+                    get_task(name)
+                except KeyError as exc:
+                    raise ValueError(f"{section}.subsets: {exc.args[0]}") from None
+        check_model_config(self.model)
+
+    def subsets(self) -> list[str]:
+        return list(self.data.subsets or SUBSETS)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (dataclasses built recursively); raises naming ``where``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arm, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return (
+            {_convert(k, args[0], where): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+            if args
+            else value
+        )
+    return value
+
+
+def build_dataclass(cls: type, data: dict, where: str = "") -> Any:
+    """``cls(**data)`` with unknown keys and wrongly typed values refused by name."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; known: {known}")
+    prefix = f"{where}." if where else ""
+    return cls(**{k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()})
+
+
+def _yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error names ``where`` and the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
+def _field_type(cls: type, key: str) -> Any:
+    """The annotation of the dotted ``key`` in the dataclass ``cls`` (``Any`` below a free-form mapping)."""
+    tp: Any = cls
+    for depth, part in enumerate(key.split(".")):
+        if not dataclasses.is_dataclass(tp):
+            return Any  # inside a mapping field (ilora_extra, subsets ratios): checked as a whole later
+        hints = typing.get_type_hints(tp)
+        known = [f.name for f in dataclasses.fields(tp) if f.init]
+        if part not in known:
+            section = ".".join(key.split(".")[:depth]) or "config"
+            raise ValueError(f"unknown key {key!r} ({section} has {known})")
+        tp = hints[part]
+    return tp
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{part!r} is not a section")
+    node[last] = value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), cls: type = RunConfig) -> Any:
+    """A run config from YAML, with ``section.key=value`` overrides (values parsed as YAML).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file or the ``--set`` that is
+    wrong: bad YAML (with line and column), unknown keys, wrongly typed values, invalid settings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
+    data = _yaml(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    keys = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: must look like section.key=value")
+        value = _yaml(raw, f"--set {item!r}")
+        try:
+            _convert(value, _field_type(cls, key), key)
+            _set_dotted(data, key, value)
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {exc}") from None
+        keys.append((key, item))
+    try:
+        return build_dataclass(cls, data)
+    except ValueError as exc:
+        blamed = _KEY.match(str(exc))
+        for key, item in reversed(keys):
+            if blamed and (blamed.group(1) == key or blamed.group(1).startswith(key + ".")):
+                raise ValueError(f"--set {item!r}: {exc}") from None
+        raise ValueError(f"{path}: {exc}") from None
+
+
+_KEY = re.compile(r"^([\w.]+)(?:\[\d+\])?:")
+
+
+def config_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (written next to a run's checkpoints)."""
+    return dataclasses.asdict(cfg)

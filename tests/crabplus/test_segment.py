@@ -89,10 +89,10 @@ PROMPTS = [
     ("s4", "[5,6] [7,8]", "2 point(s) and no box"),
     ("s4", "[1,2,30,40] [5.5,6]", "a box without points"),  # "[5.5,6]" holds no integer pair
     ("s4", "[1,2,224,40] [5,6]", "outside"),  # x2 = 224 is past the last pixel index 223
-    ("s4", "[30,2,30,40] [5,6]", "outside"),  # x1 < x2 strictly
+    ("s4", "[30,2,30,40] [5,6]", "x1 < x2"),  # x1 < x2 strictly (refused by the parser or the range check alike)
     ("s4", "[1,2,30,40] [5,224]", "outside"),
     ("s4", "[1,2,30,40] [9999,6] [5,6] [5,6] [5,6]", SamPrompt((1, 2, 30, 40), ((5, 6),) * 3)),  # dropped: unchecked
-    ("s4", "[1" + "9" * 400 + ",2,3,4] [5,6]", "outside"),
+    ("s4", "[1" + "9" * 400 + ",2,3,4] [5,6]", "x1 < x2"),
     ("s4", "no coordinates", "unparsable"),
     ("ref_avs", "<answer>false</answer> absent [1,2,3,4]", SamPrompt()),
     ("ref_avs", "<answer>true</answer> [1,2,30,40]", SamPrompt((1, 2, 30, 40))),

@@ -8,11 +8,12 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from ._peft import ensure_peft_type
+from .registry import resolve
 
 CRAB_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-Router = Literal["token", "sequence", "task"]
-Routing = Literal["soft", "topk"]
+Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token" or a user's
+Routing = str  # a gate registered in ilora.registry: "soft", "topk", "top_p" or a user's
 KernelChoice = Literal["auto", "torch", "triton"]
 
 
@@ -82,6 +83,22 @@ class ILoraConfig(PeftConfig):
         },
     )
     bias: str = field(default="none", metadata={"help": "Bias training is not supported; kept for PEFT."})
+    # Fields of the composable parts (ilora.registry, ilora.gates), appended so older configs load unchanged.
+    part_classes: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Import paths of user-registered parts ({'router': 'pkg.mod.Class', 'routing': ...}), filled in "
+            "automatically: loading names the class to import when it is not registered."
+        },
+    )
+    top_p: float = field(
+        default=0.8,
+        metadata={"help": "routing='top_p': experts per token until their probability mass exceeds top_p (<= top_k)."},
+    )
+    router_jitter_noise: float = field(
+        default=0.0,
+        metadata={"help": "Training only: the router input is multiplied by U(1 - j, 1 + j) (Switch, MixLoRA)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,11 +119,8 @@ class ILoraConfig(PeftConfig):
             raise bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
-        if self.router not in ("token", "sequence", "task"):
-            raise bad("router", f"must be 'token', 'sequence' or 'task', got {self.router!r}")
-        if self.routing not in ("soft", "topk"):
-            raise bad("routing", f"must be 'soft' or 'topk', got {self.routing!r}")
-        if self.routing == "topk" and not 1 <= self.top_k <= self.num_experts:
+        self._validate_parts(bad)
+        if self.routing in ("topk", "top_p") and not 1 <= self.top_k <= self.num_experts:
             raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.router == "task" and (self.num_tasks is None or self.num_tasks < 1):
             raise bad("num_tasks", f"router='task' needs num_tasks >= 1, got {self.num_tasks!r}")
@@ -120,6 +134,22 @@ class ILoraConfig(PeftConfig):
             raise bad("bias", f"only 'none' is supported, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise bad("layers_pattern", "only makes sense together with layers_to_transform")
+
+    def _validate_parts(self, bad: Any) -> None:
+        """The router and gate are registered parts (``ilora.registry``); record the classes of users' parts."""
+        classes = self.part_classes
+        if classes is not None and not (
+            isinstance(classes, dict)
+            and set(classes) <= {"router", "routing"}
+            and all(isinstance(v, str) for v in classes.values())
+        ):
+            raise bad("part_classes", f"must map 'router'/'routing' to class paths, got {classes!r}")
+        paths = {kind: resolve(kind, getattr(self, kind), classes) for kind in ("router", "routing")}
+        self.part_classes = {k: v for k, v in paths.items() if v is not None} or None
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.router_jitter_noise, (int, float)) and 0.0 <= self.router_jitter_noise < 1.0):
+            raise bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise!r}")
 
     @property
     def scaling(self) -> float:

@@ -17,9 +17,11 @@ from torch import nn
 from . import functional as F
 from .config import ILoraConfig
 from .context import STATE, call_state, padding_mask_for
+from .gates import jitter
 from .losses import router_stats
 from .quantized import compute_dtype, weight_backend
-from .router import build_router, check_finite, gate
+from .registry import apply_gate, build_router
+from .router import check_finite
 
 # Decode-sized batches go to the per-row (BGMV-style) kernel; beyond this, sorting tokens by expert pays off.
 PER_ROW_MAX_TOKENS = 64
@@ -74,7 +76,7 @@ class ILoraLayer(BaseTunerLayer):
             nn.init.uniform_(b, -1 / math.sqrt(r), 1 / math.sqrt(r))
         self.ilora_A[adapter_name] = nn.Parameter(a)
         self.ilora_B[adapter_name] = nn.Parameter(b)
-        self.ilora_router[adapter_name] = build_router(config.router, self.in_features, E, config.num_tasks)
+        self.ilora_router[adapter_name] = build_router(config, self.in_features)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -92,7 +94,7 @@ class ILoraLayer(BaseTunerLayer):
                     "task id, e.g. model.merge_and_unload(task_id=2) or ilora.routing_context(task_ids=2)"
                 )
             logits = self.ilora_router[adapter_name].task_logits(ids.to(self.ilora_A[adapter_name].device))
-            return gate(logits, config.routing, config.top_k, config.router_temperature).to_dense(config.num_experts)[0]
+            return apply_gate(config, logits, training=False).to_dense(config.num_experts)[0]
         raise MergeNotSupportedError(
             f"adapter {adapter_name!r} uses {config.router} routing: its update depends on each input, so it cannot "
             "be folded into the base weight exactly. Export a lossy plain-LoRA approximation instead with "
@@ -206,10 +208,10 @@ class Linear(nn.Module, ILoraLayer):
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         config = self.ilora_config[name]
         A, B = self.ilora_A[name], self.ilora_B[name]
-        logits = self.ilora_router[name](x)
+        logits = self.ilora_router[name](jitter(x, config.router_jitter_noise, self.training))
         if config.check_router_logits and not torch.compiler.is_compiling():
             check_finite(logits, self.ilora_name)
-        gates = gate(logits, config.routing, config.top_k, config.router_temperature)
+        gates = apply_gate(config, logits, self.training)
         if STATE.recorder is not None:
             STATE.recorder.add(self.ilora_name, gates.to_dense(config.num_experts))
         if self.training and (config.balance_loss_coef or config.router_z_loss_coef):
@@ -270,7 +272,8 @@ class Linear(nn.Module, ILoraLayer):
 def _refuse_partial_adapter(module: ILoraLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """A checkpoint holding only some of an adapter's tensors (say, no router) would load silently half-trained."""
     for name in module.ilora_A:
-        keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", f"{prefix}ilora_router.{name}.weight")
+        router_keys = [f"{prefix}ilora_router.{name}.{k}" for k in module.ilora_router[name].state_dict()]
+        keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", *router_keys)
         missing = [k for k in keys if k not in state_dict]
         if missing and len(missing) < len(keys):
             raise KeyError(

@@ -19,14 +19,16 @@ def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None =
     """Sufficient statistics of one router call, a float32 vector ``[2E + 3]``.
 
     ``[prob_sum (E), share_sum (E), share_count, logsumexp_sq_sum, tokens]``: the share is the router probability
-    itself for soft routing and the expert assignments for top-k (a count, without gradient). ``keep`` (bool
+    itself for soft routing and the expert assignments for top-k (a count, without gradient; a slot of weight 0, as
+    dynamic top-p routing leaves, is no assignment). ``keep`` (bool
     ``[T]``) leaves tokens out, padding in particular: otherwise how a batch is padded, which differs with how it
     is split over ranks, would change the losses.
     """
-    indices = gates.indices
+    indices, weights = gates.indices, gates.weights
     if keep is not None:
         logits = logits[keep]
         indices = None if indices is None else indices[keep]
+        weights = None if weights is None else weights[keep]
     logits = logits.float()
     num_experts = logits.shape[-1]
     prob_sum = torch.softmax(logits, dim=-1).sum(0)
@@ -34,8 +36,10 @@ def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None =
     if indices is None:
         share_sum, share_count = prob_sum, tokens
     else:
-        share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
-        share_count = logits.new_tensor([float(indices.numel())])
+        assert weights is not None
+        used = (weights.reshape(-1) != 0).to(prob_sum.dtype)
+        share_sum = torch.bincount(indices.reshape(-1), weights=used, minlength=num_experts)
+        share_count = used.sum().reshape(1)
     lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
     return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
 

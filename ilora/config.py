@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from . import aux_losses
 from ._peft import ensure_peft_type
 from .registry import resolve
 
@@ -99,6 +100,22 @@ class ILoraConfig(PeftConfig):
         default=0.0,
         metadata={"help": "Training only: the router input is multiplied by U(1 - j, 1 + j) (Switch, MixLoRA)."},
     )
+    router_entropy_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the mean routing entropy per layer in ilora.aux_loss (sharpens)."}
+    )
+    localized_balance_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of LoRAMoE's localized balancing constraint in ilora.aux_loss (needs task ids)."},
+    )
+    localized_balance_alpha: float = field(
+        default=0.0, metadata={"help": "LoRAMoE's imbalance degree: favoured group x (1 + a), the others x (1 - a)."}
+    )
+    num_expert_groups: int = field(
+        default=1, metadata={"help": "Contiguous expert groups of the localized balancing constraint."}
+    )
+    task_expert_groups: list[int] | None = field(
+        default=None, metadata={"help": "The expert group each task id favours (default: task t favours group t)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,6 +167,7 @@ class ILoraConfig(PeftConfig):
             raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.router_jitter_noise, (int, float)) and 0.0 <= self.router_jitter_noise < 1.0):
             raise bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise!r}")
+        aux_losses.validate(self, bad)
 
     @property
     def scaling(self) -> float:

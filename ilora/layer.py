@@ -15,10 +15,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from . import functional as F
+from .aux_losses import has_aux_loss, layer_stats
 from .config import ILoraConfig
-from .context import STATE, call_state, padding_mask_for
+from .context import STATE, call_state
 from .gates import jitter
-from .losses import router_stats
 from .quantized import compute_dtype, weight_backend
 from .registry import apply_gate, build_router
 from .router import check_finite
@@ -214,8 +214,8 @@ class Linear(nn.Module, ILoraLayer):
         gates = apply_gate(config, logits, self.training)
         if STATE.recorder is not None:
             STATE.recorder.add(self.ilora_name, gates.to_dense(config.num_experts))
-        if self.training and (config.balance_loss_coef or config.router_z_loss_coef):
-            self._aux[name] = router_stats(logits, gates, padding_mask_for(x))
+        if self.training and has_aux_loss(config):
+            self._aux[name] = layer_stats(logits, gates, x, config)
         else:
             self._aux.pop(name, None)
 

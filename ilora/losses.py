@@ -102,9 +102,10 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
     with one all-reduce; every rank must call it, and the gradients must then be averaged over the group (as DDP,
     FSDP and DeepSpeed do). Without it, each rank's loss covers its own tokens.
     """
+    from .aux_losses import weighted_aux_loss
     from .layer import ILoraLayer
 
-    entries: list[tuple[float, float]] = []
+    configs = []
     stats: list[torch.Tensor] = []
     layers = 0
     for module in model.modules():
@@ -112,13 +113,12 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
             continue
         layers += 1
         for name, layer_stats in module._aux.items():
-            config = module.ilora_config[name]
-            entries.append((config.balance_loss_coef, config.router_z_loss_coef))
+            configs.append(module.ilora_config[name])
             stats.append(layer_stats)
     device = stats[0].device if stats else next(model.parameters()).device
     if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
         stats = _all_reduce_stats(stats, group, device)
     if not stats:
         return torch.zeros((), device=device)
-    total = sum(b * balance_from_stats(s) + z * z_from_stats(s) for (b, z), s in zip(entries, stats, strict=True))
+    total = sum(weighted_aux_loss(config, s) for config, s in zip(configs, stats, strict=True))
     return total / layers

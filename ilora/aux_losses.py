@@ -35,8 +35,9 @@ _CV_EPS = 1e-10  # LoRAMoE's cv_squared epsilon
 
 
 def has_aux_loss(config: ILoraConfig) -> bool:
-    """Whether any auxiliary loss of ``config`` is on (so training forwards must keep router statistics)."""
-    return bool(
+    """Whether any auxiliary loss of ``config`` is on (so training forwards must keep router statistics). A layer
+    with one expert has no routing to regularise: it keeps none, and does not count in ``aux_loss``'s average."""
+    return config.num_experts > 1 and bool(
         config.balance_loss_coef
         or config.router_z_loss_coef
         or config.router_entropy_coef

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from . import aux_losses
+from . import aux_losses, presets
 from ._peft import ensure_peft_type
 from .registry import resolve
 
-CRAB_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CRAB_TARGETS = presets.ATTENTION_TARGETS + presets.MLP_TARGETS
 
 Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token" or a user's
 Routing = str  # a gate registered in ilora.registry: "soft", "topk", "top_p" or a user's
@@ -116,6 +116,13 @@ class ILoraConfig(PeftConfig):
     task_expert_groups: list[int] | None = field(
         default=None, metadata={"help": "The expert group each task id favours (default: task t favours group t)."}
     )
+    num_experts_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module expert counts, keys matched as PEFT's rank_pattern (a regex on the module path's end, "
+            "first match wins), e.g. {'q_proj': 1} or {r'layers\\.0\\..*': 2}; top_k is capped at each count."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -168,6 +175,28 @@ class ILoraConfig(PeftConfig):
         if not (isinstance(self.router_jitter_noise, (int, float)) and 0.0 <= self.router_jitter_noise < 1.0):
             raise bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise!r}")
         aux_losses.validate(self, bad)
+        pattern = self.num_experts_pattern
+        if pattern is not None and not (
+            isinstance(pattern, dict)
+            and all(isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in pattern.items())
+        ):
+            raise bad("num_experts_pattern", f"must map module name patterns to expert counts >= 1, got {pattern!r}")
+
+    def for_module(self, key: str) -> ILoraConfig:
+        """The config of the module at path ``key``: ``self``, or a copy with the expert count that
+        ``num_experts_pattern`` gives it (``top_k`` capped at that count), validated like any config."""
+        if not self.num_experts_pattern:
+            return self
+        from peft.utils.other import get_pattern_key
+
+        pattern_key = get_pattern_key(list(self.num_experts_pattern), key)
+        if pattern_key not in self.num_experts_pattern:
+            return self
+        experts = self.num_experts_pattern[pattern_key]
+        try:
+            return replace(self, num_experts=experts, top_k=min(self.top_k, experts))
+        except ValueError as err:
+            raise ValueError(f"{err} (for module {key!r}, given {experts} experts by num_experts_pattern)") from None
 
     @property
     def scaling(self) -> float:
@@ -191,3 +220,24 @@ class ILoraConfig(PeftConfig):
             target_modules=list(CRAB_TARGETS),
         )  # fmt: skip
         return cls(**{**settings, **overrides})
+
+    @classmethod
+    def hydralora(cls, **overrides: Any) -> ILoraConfig:
+        """HydraLoRA: shared A, 4 B heads, soft per-token routing, r 4, alpha 32 (``ilora.presets.hydralora``)."""
+        return cls(**{**presets.hydralora(), **overrides})
+
+    @classmethod
+    def mixlora(cls, **overrides: Any) -> ILoraConfig:
+        """MixLoRA: top-2 of 8 per-expert LoRAs on the MLP, plain LoRA on attention (``ilora.presets.mixlora``)."""
+        return cls(**{**presets.mixlora(), **overrides})
+
+    @classmethod
+    def loramoe(cls, **overrides: Any) -> ILoraConfig:
+        """LoRAMoE: 8 soft-routed experts on the MLP, localized balancing over 2 groups (``ilora.presets.loramoe``)."""
+        return cls(**{**presets.loramoe(), **overrides})
+
+    @classmethod
+    def mola(cls, num_layers: int = 32, **overrides: Any) -> ILoraConfig:
+        """MoLA "2-4-6-8": top-2, more experts in higher layers, for a model of ``num_layers`` layers
+        (``ilora.presets.mola``)."""
+        return cls(**{**presets.mola(num_layers), **overrides})

@@ -63,7 +63,8 @@ def _register(kind: str, name: str, cls: T | None, overwrite: bool) -> T | Calla
         builtin = BUILTIN_ROUTERS if kind == "router" else BUILTIN_GATES
         if name in builtin and table.get(name) is not None and table[name] is not part:
             raise ValueError(f"{function}: {name!r} is a built-in part of ilora and cannot be replaced")
-        if name in table and table[name] is not part and not overwrite:
+        redefined = name in table and class_path(table[name]) == class_path(part)  # a re-run cell, a reload
+        if name in table and table[name] is not part and not (overwrite or redefined):
             raise ValueError(
                 f"{function}: {name!r} is already registered to {class_path(table[name])}; pick another name or pass "
                 "overwrite=True"
@@ -99,6 +100,12 @@ def resolve(kind: str, name: str, saved_classes: dict[str, str] | None) -> str |
                 f"must be registered before the config is created or loaded: ilora.{function}({name!r}, YourClass)"
             )
         module, _, qualname = saved.rpartition(".")
+        if module == "__main__":
+            raise UnregisteredPartError(
+                f"ILoraConfig.{kind}: this adapter uses the {kind} {name!r}, class {qualname}, defined in the script "
+                f"that saved it (__main__), and not registered in this process. Define it here and call "
+                f"ilora.{function}({name!r}, {qualname}) before loading; better, move it into an importable module."
+            )
         raise UnregisteredPartError(
             f"ILoraConfig.{kind}: this adapter uses the {kind} {name!r}, class {saved}, which is not registered in "
             f"this process (registered: {known}). Import it and register it before loading, e.g. "

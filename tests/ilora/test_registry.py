@@ -67,6 +67,13 @@ def test_registration_errors() -> None:
     ilora.register_router("two_layer", TwoLayerRouter)  # the same class again: harmless (a re-import)
     with pytest.raises(ValueError, match=r"already registered to .*TwoLayerRouter.*overwrite=True"):
         ilora.register_router("two_layer", HardTop1Gate)
+    redefined = type(
+        TwoLayerRouter.__name__,
+        (TwoLayerRouter,),
+        {"__module__": TwoLayerRouter.__module__, "__qualname__": TwoLayerRouter.__qualname__},
+    )
+    assert ilora.register_router("two_layer", redefined) is redefined  # the same class defined again (a re-run cell)
+    assert registry.ROUTERS["two_layer"] is redefined
     with pytest.raises(ValueError, match="built-in part"):
         ilora.register_gate("soft", HardTop1Gate, overwrite=True)
     with pytest.raises(TypeError, match="expected a class"):
@@ -94,6 +101,9 @@ def test_saved_class_path_and_mismatch(tmp_path) -> None:
     registry.ROUTERS["two_layer"] = HardTop1Gate  # another class under the saved name: refused, not loaded into
     with pytest.raises(ValueError, match=r"saved with router 'two_layer' = .*TwoLayerRouter.*registered to .*Hard"):
         ilora.ILoraConfig.from_pretrained(tmp_path)
+    saved = {"router": "__main__.ScriptRouter"}
+    with pytest.raises(ValueError, match=r"ScriptRouter, defined in the script that saved it .*register_router"):
+        ilora.ILoraConfig(router="script_router", part_classes=saved)
     with pytest.raises(ValueError, match=r"ILoraConfig\.part_classes"):
         ilora.ILoraConfig(part_classes={"expert": "x.Y"})
 

@@ -197,3 +197,25 @@ def test_presets_save_and_load_in_a_fresh_process(tmp_path) -> None:
     got = torch.load(tmp_path / "got.pt", weights_only=True)
     for name in PRESETS:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_gradient_checkpointing_keeps_noise_task_ids_and_padding() -> None:
+    """The recomputation in backward draws the same jitter and router noise and sees the forward's task ids and
+    mask, so LoRAMoE's constraint, the entropy term and the noisy gates give the same gradients."""
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        options = dict(router="noisy_token", routing="top_p", top_k=4, router_jitter_noise=0.1,
+                       localized_balance_coef=0.1, localized_balance_alpha=0.1, router_entropy_coef=0.01)  # fmt: skip
+        model = adapted("loramoe", **options).train()
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = example_input("llama")
+        torch.manual_seed(3)
+        loss = model(**ids, labels=ids["input_ids"], ilora_task_ids=[1, 0]).loss + ilora.aux_loss(model)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert any(n.endswith("noise_weight") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)

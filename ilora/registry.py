@@ -131,8 +131,39 @@ def build_router(config: ILoraConfig, d_in: int) -> nn.Module:
 
 
 def apply_gate(config: ILoraConfig, logits: torch.Tensor, training: bool) -> _router.Gates:
-    """Routing weights of one forward: the registered gate ``config.routing`` applied to ``logits [T, E]``."""
-    return GATES[config.routing](config)(logits, training)
+    """Routing weights of one forward: the registered gate ``config.routing`` applied to ``logits [T, E]``.
+    The shapes of what the router and the gate return are checked (no device sync), naming the part at fault."""
+    E = config.num_experts
+    if logits.dim() != 2 or logits.shape[1] != E or not logits.is_floating_point():
+        raise ValueError(
+            f"router {config.router!r} returned logits of shape {tuple(logits.shape)} and dtype {logits.dtype}: a "
+            f"router returns float logits [tokens, num_experts={E}] (see ilora.registry)"
+        )
+    gates = GATES[config.routing](config)(logits, training)
+    dense, weights, indices = (getattr(gates, n, None) for n in ("dense", "weights", "indices"))
+    tokens = logits.shape[0]
+    ok = isinstance(gates, _router.Gates) and (
+        (dense is not None and weights is None and tuple(dense.shape) == (tokens, E))
+        or (
+            dense is None
+            and weights is not None
+            and indices is not None
+            and weights.dim() == 2
+            and tuple(weights.shape) == tuple(indices.shape)
+            and weights.shape[0] == tokens
+            and 1 <= weights.shape[1] <= E
+            and indices.dtype == torch.long
+        )
+    )
+    if not ok:
+        shapes = {n: None if t is None else (tuple(t.shape), t.dtype) for n, t in (("dense", dense),
+                  ("weights", weights), ("indices", indices))}  # fmt: skip
+        raise ValueError(
+            f"gate {config.routing!r} returned {type(gates).__name__} {shapes} for {tokens} tokens and {E} experts: a "
+            f"gate returns ilora.router.Gates with dense [tokens, {E}], or weights and int64 indices [tokens, k], "
+            f"k <= {E} (see ilora.registry)"
+        )
+    return gates
 
 
 # ---------------------------------------------------------------------------------------------- built-in parts

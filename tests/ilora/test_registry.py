@@ -177,3 +177,32 @@ def test_readme_router_example_saves_and_loads_in_a_fresh_process(tmp_path, monk
     assert "my_routers.CosineRouter" in refused and "ilora.register_router('cosine', CosineRouter)" in refused
     got = torch.load(tmp_path / "got.pt", weights_only=True)
     torch.testing.assert_close(got, torch.load(tmp_path / "expected.pt", weights_only=True), rtol=0, atol=0)
+
+
+class FlatRouter(TwoLayerRouter):
+    """Wrong: keeps the batch dimensions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).float()
+
+
+class RaggedGate(HardTop1Gate):
+    """Wrong: weights for two experts, indices for one."""
+
+    def __call__(self, logits: torch.Tensor, training: bool) -> Gates:
+        idx = logits.argmax(-1, keepdim=True)
+        return Gates(weights=torch.ones(logits.shape[0], 2), indices=idx)
+
+
+@pytest.mark.usefixtures("scratch_registry")
+@pytest.mark.parametrize(("router", "gate", "match"), [
+    ("flat", "soft", r"router 'flat' returned logits of shape \(2, 6, 3\).*\[tokens, num_experts=3\]"),
+    ("token", "ragged", r"gate 'ragged' returned Gates .*weights.*\(12, 2\).*indices.*\(12, 1\)"),
+])  # fmt: skip
+def test_users_parts_returning_wrong_shapes_are_named(router, gate, match) -> None:
+    ilora.register_router("flat", FlatRouter)
+    ilora.register_gate("ragged", RaggedGate)
+    cfg = ilora.ILoraConfig(r=2, num_experts=3, router=router, routing=gate, target_modules=["fc_in"])
+    model = get_peft_model(build("mlp"), cfg)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(2, 6, 13))

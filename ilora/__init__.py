@@ -10,6 +10,7 @@ from .context import RoutingRecorder, record_routing, routing_context
 from .layer import ILoraLayer, Linear, MergeNotSupportedError
 from .losses import aux_loss
 from .model import ILoraModel, ilora_layers
+from .registry import register_gate, register_router
 
 _peft.register(ILoraConfig, ILoraModel)
 
@@ -26,6 +27,8 @@ __all__ = [
     "export_to_lora",
     "ilora_layers",
     "record_routing",
+    "register_gate",
+    "register_router",
     "routing_context",
 ]
 __version__ = "0.1.0"

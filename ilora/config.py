@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from . import aux_losses, presets
 from ._peft import ensure_peft_type
+from .registry import resolve
 
-CRAB_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CRAB_TARGETS = presets.ATTENTION_TARGETS + presets.MLP_TARGETS
 
-Router = Literal["token", "sequence", "task"]
-Routing = Literal["soft", "topk"]
+Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token" or a user's
+Routing = str  # a gate registered in ilora.registry: "soft", "topk", "top_p" or a user's
 KernelChoice = Literal["auto", "torch", "triton"]
 
 
@@ -89,6 +91,45 @@ class ILoraConfig(PeftConfig):
         },
     )
     bias: str = field(default="none", metadata={"help": "Bias training is not supported; kept for PEFT."})
+    # Fields of the composable parts (ilora.registry, ilora.gates), appended so older configs load unchanged.
+    part_classes: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Import paths of user-registered parts ({'router': 'pkg.mod.Class', 'routing': ...}), filled in "
+            "automatically: loading names the class to import when it is not registered."
+        },
+    )
+    top_p: float = field(
+        default=0.8,
+        metadata={"help": "routing='top_p': experts per token until their probability mass exceeds top_p (<= top_k)."},
+    )
+    router_jitter_noise: float = field(
+        default=0.0,
+        metadata={"help": "Training only: the router input is multiplied by U(1 - j, 1 + j) (Switch, MixLoRA)."},
+    )
+    router_entropy_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the mean routing entropy per layer in ilora.aux_loss (sharpens)."}
+    )
+    localized_balance_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of LoRAMoE's localized balancing constraint in ilora.aux_loss (needs task ids)."},
+    )
+    localized_balance_alpha: float = field(
+        default=0.0, metadata={"help": "LoRAMoE's imbalance degree: favoured group x (1 + a), the others x (1 - a)."}
+    )
+    num_expert_groups: int = field(
+        default=1, metadata={"help": "Contiguous expert groups of the localized balancing constraint."}
+    )
+    task_expert_groups: list[int] | None = field(
+        default=None, metadata={"help": "The expert group each task id favours (default: task t favours group t)."}
+    )
+    num_experts_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module expert counts, keys matched as PEFT's rank_pattern (a regex on the module path's end, "
+            "first match wins), e.g. {'q_proj': 1} or {r'layers\\.0\\..*': 2}; top_k is capped at each count."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,11 +152,8 @@ class ILoraConfig(PeftConfig):
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.dropout_per_expert, bool):
             raise bad("dropout_per_expert", f"must be True or False, got {self.dropout_per_expert!r}")
-        if self.router not in ("token", "sequence", "task"):
-            raise bad("router", f"must be 'token', 'sequence' or 'task', got {self.router!r}")
-        if self.routing not in ("soft", "topk"):
-            raise bad("routing", f"must be 'soft' or 'topk', got {self.routing!r}")
-        if self.routing == "topk" and not 1 <= self.top_k <= self.num_experts:
+        self._validate_parts(bad)
+        if self.routing in ("topk", "top_p") and not 1 <= self.top_k <= self.num_experts:
             raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.router == "task" and (self.num_tasks is None or self.num_tasks < 1):
             raise bad("num_tasks", f"router='task' needs num_tasks >= 1, got {self.num_tasks!r}")
@@ -129,6 +167,45 @@ class ILoraConfig(PeftConfig):
             raise bad("bias", f"only 'none' is supported, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise bad("layers_pattern", "only makes sense together with layers_to_transform")
+
+    def _validate_parts(self, bad: Any) -> None:
+        """The router and gate are registered parts (``ilora.registry``); record the classes of users' parts."""
+        classes = self.part_classes
+        if classes is not None and not (
+            isinstance(classes, dict)
+            and set(classes) <= {"router", "routing"}
+            and all(isinstance(v, str) for v in classes.values())
+        ):
+            raise bad("part_classes", f"must map 'router'/'routing' to class paths, got {classes!r}")
+        paths = {kind: resolve(kind, getattr(self, kind), classes) for kind in ("router", "routing")}
+        self.part_classes = {k: v for k, v in paths.items() if v is not None} or None
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.router_jitter_noise, (int, float)) and 0.0 <= self.router_jitter_noise < 1.0):
+            raise bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise!r}")
+        aux_losses.validate(self, bad)
+        pattern = self.num_experts_pattern
+        if pattern is not None and not (
+            isinstance(pattern, dict)
+            and all(isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in pattern.items())
+        ):
+            raise bad("num_experts_pattern", f"must map module name patterns to expert counts >= 1, got {pattern!r}")
+
+    def for_module(self, key: str) -> ILoraConfig:
+        """The config of the module at path ``key``: ``self``, or a copy with the expert count that
+        ``num_experts_pattern`` gives it (``top_k`` capped at that count), validated like any config."""
+        if not self.num_experts_pattern:
+            return self
+        from peft.utils.other import get_pattern_key
+
+        pattern_key = get_pattern_key(list(self.num_experts_pattern), key)
+        if pattern_key not in self.num_experts_pattern:
+            return self
+        experts = self.num_experts_pattern[pattern_key]
+        try:
+            return replace(self, num_experts=experts, top_k=min(self.top_k, experts))
+        except ValueError as err:
+            raise ValueError(f"{err} (for module {key!r}, given {experts} experts by num_experts_pattern)") from None
 
     @property
     def scaling(self) -> float:
@@ -153,3 +230,24 @@ class ILoraConfig(PeftConfig):
             router="token", routing="soft", target_modules=list(CRAB_TARGETS),
         )  # fmt: skip
         return cls(**{**settings, **overrides})
+
+    @classmethod
+    def hydralora(cls, **overrides: Any) -> ILoraConfig:
+        """HydraLoRA: shared A, 4 B heads, soft per-token routing, r 4, alpha 32 (``ilora.presets.hydralora``)."""
+        return cls(**{**presets.hydralora(), **overrides})
+
+    @classmethod
+    def mixlora(cls, **overrides: Any) -> ILoraConfig:
+        """MixLoRA: top-2 of 8 per-expert LoRAs on the MLP, plain LoRA on attention (``ilora.presets.mixlora``)."""
+        return cls(**{**presets.mixlora(), **overrides})
+
+    @classmethod
+    def loramoe(cls, **overrides: Any) -> ILoraConfig:
+        """LoRAMoE: 8 soft-routed experts on the MLP, localized balancing over 2 groups (``ilora.presets.loramoe``)."""
+        return cls(**{**presets.loramoe(), **overrides})
+
+    @classmethod
+    def mola(cls, num_layers: int = 32, **overrides: Any) -> ILoraConfig:
+        """MoLA "2-4-6-8": top-2, more experts in higher layers, for a model of ``num_layers`` layers
+        (``ilora.presets.mola``)."""
+        return cls(**{**presets.mola(num_layers), **overrides})

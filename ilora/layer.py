@@ -14,13 +14,15 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .aux_losses import has_aux_loss, layer_stats
 from .config import ILoraConfig
 from .context import bind_for_backward, call_state, current_recorder, padding_mask_for, recomputing
 from .functional import per_expert_input_routed_lora
-from .losses import router_stats
+from .gates import jitter
 from .paths import add_routed_lora
 from .quantized import compute_dtype, weight_backend
-from .router import Gates, build_router, check_finite, gate
+from .registry import apply_gate, build_router
+from .router import Gates, check_finite
 
 
 class MergeNotSupportedError(ValueError):
@@ -68,7 +70,7 @@ class ILoraLayer(BaseTunerLayer):
             nn.init.uniform_(b, -1 / math.sqrt(r), 1 / math.sqrt(r))
         self.ilora_A[adapter_name] = nn.Parameter(a)
         self.ilora_B[adapter_name] = nn.Parameter(b)
-        self.ilora_router[adapter_name] = build_router(config.router, self.in_features, E, config.num_tasks)
+        self.ilora_router[adapter_name] = build_router(config, self.in_features)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -86,7 +88,7 @@ class ILoraLayer(BaseTunerLayer):
                     "task id, e.g. model.merge_and_unload(task_id=2) or ilora.routing_context(task_ids=2)"
                 )
             logits = self.ilora_router[adapter_name].task_logits(ids.to(self.ilora_A[adapter_name].device))
-            return gate(logits, config.routing, config.top_k, config.router_temperature).to_dense(config.num_experts)[0]
+            return apply_gate(config, logits, training=False).to_dense(config.num_experts)[0]
         raise MergeNotSupportedError(
             f"adapter {adapter_name!r} uses {config.router} routing: its update depends on each input, so it cannot "
             "be folded into the base weight exactly. Export a lossy plain-LoRA approximation instead with "
@@ -205,13 +207,13 @@ class Linear(nn.Module, ILoraLayer):
         """
         config = self.ilora_config[name]
         recorder, again = current_recorder(), recomputing()
-        wants_stats = self.training and bool(config.balance_loss_coef or config.router_z_loss_coef)
+        wants_stats = self.training and has_aux_loss(config)
         keep = padding_mask_for(x) if wants_stats or recorder is not None else None
         if recorder is not None and not again:
             with torch.no_grad():
                 recorder.add(self.ilora_name, gates.to_dense(config.num_experts), keep)
         if wants_stats:
-            stats = router_stats(logits, gates, keep)
+            stats = layer_stats(logits, gates, x, config)
             if not again:
                 self.aux_stats[name] = stats
                 bind_for_backward(stats)
@@ -221,10 +223,10 @@ class Linear(nn.Module, ILoraLayer):
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         config = self.ilora_config[name]
         A, B = self.ilora_A[name], self.ilora_B[name]
-        logits = self.ilora_router[name](x)
+        logits = self.ilora_router[name](jitter(x, config.router_jitter_noise, self.training))
         if config.check_router_logits and not torch.compiler.is_compiling():
             check_finite(logits, self.ilora_name)
-        gates = gate(logits, config.routing, config.top_k, config.router_temperature)
+        gates = apply_gate(config, logits, self.training)
         self._record_routing(name, x, logits, gates)
 
         if config.dropout_per_expert and config.lora_dropout and self.training:
@@ -247,7 +249,8 @@ class Linear(nn.Module, ILoraLayer):
 def _refuse_partial_adapter(module: ILoraLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """A checkpoint holding only some of an adapter's tensors (say, no router) would load silently half-trained."""
     for name in module.ilora_A:
-        keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", f"{prefix}ilora_router.{name}.weight")
+        router_keys = [f"{prefix}ilora_router.{name}.{k}" for k in module.ilora_router[name].state_dict()]
+        keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", *router_keys)
         missing = [k for k in keys if k not in state_dict]
         if missing and len(missing) < len(keys):
             raise KeyError(

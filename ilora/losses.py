@@ -19,25 +19,29 @@ def router_stats(logits: torch.Tensor, gates: Gates, keep: torch.Tensor | None =
     """Sufficient statistics of one router call, a float32 vector ``[2E + 3]``.
 
     ``[prob_sum (E), share_sum (E), share_count, logsumexp_sq_sum, tokens]``: the share is the router probability
-    itself for soft routing and the expert assignments for top-k (a count, without gradient). ``keep`` (bool
+    itself for soft routing and the expert assignments for top-k (a count, without gradient; a slot of weight 0, as
+    dynamic top-p routing leaves, is no assignment). ``keep`` (bool
     ``[T]``) leaves tokens out, padding in particular: otherwise how a batch is padded, which differs with how it
     is split over ranks, would change the losses.
     """
-    indices = gates.indices
-    if keep is not None:
-        logits = logits[keep]
-        indices = None if indices is None else indices[keep]
+    indices, weights = gates.indices, gates.weights
     with no_autocast(logits.device):
         logits = logits.float()
         num_experts = logits.shape[-1]
-        prob_sum = torch.softmax(logits, dim=-1).sum(0)
-        tokens = logits.new_tensor([float(logits.shape[0])])
+        # Padding is weighted out rather than indexed out: boolean indexing would sync with the host on CUDA.
+        kept = logits.new_ones(logits.shape[0]) if keep is None else keep.to(logits.dtype)
+        prob_sum = (torch.softmax(logits, dim=-1) * kept.unsqueeze(-1)).sum(0)
+        tokens = kept.sum().reshape(1)
         if indices is None:
             share_sum, share_count = prob_sum, tokens
         else:
-            share_sum = torch.bincount(indices.reshape(-1), minlength=num_experts).to(prob_sum.dtype)
-            share_count = logits.new_tensor([float(indices.numel())])
-        lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
+            assert weights is not None
+            # A zero-weight slot (top-p's padding to k) is no assignment. scatter_add_, unlike bincount, needs no
+            # host sync on CUDA.
+            used = ((weights != 0).to(kept.dtype) * kept.unsqueeze(-1)).reshape(-1)
+            share_sum = prob_sum.new_zeros(num_experts).scatter_add_(0, indices.reshape(-1), used)
+            share_count = used.sum().reshape(1)
+        lse_sq_sum = (torch.logsumexp(logits, dim=-1).pow(2) * kept).sum().reshape(1)
         return torch.cat([prob_sum, share_sum, share_count, lse_sq_sum, tokens])
 
 
@@ -117,9 +121,10 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
     (reentrant activation checkpointing, ``use_reentrant=True``, or ``torch.no_grad()``): the loss could not train
     the routers. Under ``torch.no_grad()`` it returns the value.
     """
+    from .aux_losses import weighted_aux_loss
     from .layer import ILoraLayer
 
-    entries: list[tuple[float, float]] = []
+    configs = []
     stats: list[torch.Tensor] = []
     layers = 0
     for module in model.modules():
@@ -128,13 +133,12 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
         layers += 1
         for name, layer_stats in module.aux_stats.items():
             _check_trainable(module, name, layer_stats)
-            config = module.ilora_config[name]
-            entries.append((config.balance_loss_coef, config.router_z_loss_coef))
+            configs.append(module.ilora_config[name])
             stats.append(layer_stats)
     device = stats[0].device if stats else next(model.parameters()).device
     if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
         stats = _all_reduce_stats(stats, group, device)
     if not stats:
         return torch.zeros((), device=device)
-    total = sum(b * balance_from_stats(s) + z * z_from_stats(s) for (b, z), s in zip(entries, stats, strict=True))
+    total = sum(weighted_aux_loss(config, s) for config, s in zip(configs, stats, strict=True))
     return total / layers

@@ -135,6 +135,7 @@ class ILoraModel(BaseTuner):
         *args: Any,
         **kwargs: Any,
     ) -> None:
+        peft_config = peft_config.for_module(current_key)  # per-module expert counts (num_experts_pattern)
         if isinstance(target, ILoraLayer):
             target.update_layer(adapter_name, peft_config)
             return

@@ -131,17 +131,6 @@ class TaskRouter(nn.Module):
         return self.weight[ids].to(routing_dtype(self.weight))
 
 
-def build_router(kind: str, d_in: int, num_experts: int, num_tasks: int | None) -> nn.Module:
-    if kind == "token":
-        return TokenRouter(d_in, num_experts)
-    if kind == "sequence":
-        return SequenceRouter(d_in, num_experts)
-    if kind == "task":
-        assert num_tasks is not None  # validated by ILoraConfig
-        return TaskRouter(num_tasks, num_experts)
-    raise ValueError(f"unknown router kind {kind!r}")
-
-
 @dataclass
 class Gates:
     """Routing weights of one forward: dense ``[T, E]`` (soft) or ``weights``/``indices`` ``[T, k]`` (top-k)."""

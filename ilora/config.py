@@ -52,6 +52,14 @@ class ILoraConfig(PeftConfig):
     router_z_loss_coef: float = field(
         default=0.0, metadata={"help": "Weight of the router z-loss (mean logsumexp(logits)^2) in ilora.aux_loss."}
     )
+    aux_loss_in_output: bool = field(
+        default=True,
+        metadata={
+            "help": "Add the weighted router losses to the output's loss when the model is called with labels in "
+            "training (as transformers' MoE models add router_aux_loss_coef * aux_loss), exposed as "
+            "output.ilora_aux_loss. False: add ilora.aux_loss(model) to your loss yourself."
+        },
+    )
     check_router_logits: bool = field(
         default=True,
         metadata={"help": "Raise on NaN/inf router logits (one host sync per layer on GPU; off for peak speed)."},

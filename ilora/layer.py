@@ -78,6 +78,23 @@ class ILoraLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``set_adapter``, except that a one-expert adapter's router never trains: its softmax over one
+        logit is 1 whatever the weights, so it would hold parameters that never get a gradient (which DDP refuses)."""
+        super().set_adapter(adapter_names, *args, **kwargs)
+        self._freeze_one_expert_routers()
+
+    if hasattr(BaseTunerLayer, "set_requires_grad"):  # peft >= 0.18
+
+        def set_requires_grad(self, adapter_names: Any, requires_grad: bool = True) -> None:
+            super().set_requires_grad(adapter_names, requires_grad)
+            self._freeze_one_expert_routers()
+
+    def _freeze_one_expert_routers(self) -> None:
+        for name, router in self.ilora_router.items():
+            if self.ilora_config[name].num_experts == 1:
+                router.requires_grad_(False)
+
     # ----------------------------------------------------------------------------------------------- merging
     def _fixed_gates(self, adapter_name: str) -> torch.Tensor:
         """Routing weights ``[E]`` that do not depend on the input, or an error explaining why there are none."""

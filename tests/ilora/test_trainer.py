@@ -7,6 +7,7 @@ from peft import get_peft_model
 from transformers import TrainingArguments
 
 import ilora
+from ilora.losses import caller_adds_aux_loss
 
 from .conftest import build, targets
 
@@ -30,7 +31,8 @@ def test_trainer_adds_aux_loss_to_the_training_loss(tmp_path) -> None:
     batch = {k: torch.stack([_Tokens()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     model.train()
     with_aux = trainer.compute_loss(model, batch)
-    task_only = model(**batch).loss
+    with caller_adds_aux_loss():
+        task_only = model(**batch).loss
     assert with_aux.item() >= task_only.item() + 0.99  # the balance loss is >= 1 at any routing
     router = next(iter(ilora.ilora_layers(model))).ilora_router["default"].weight
     before = router.detach().clone()
@@ -50,7 +52,8 @@ def test_aux_loss_follows_the_trainers_accumulation_scaling(tmp_path) -> None:
     assert trainer.model_accepts_loss_kwargs
     batch = {k: torch.stack([_Tokens()[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     model.train()
-    task = model(**batch).loss
+    with caller_adds_aux_loss():
+        task = model(**batch).loss
     aux = ilora.aux_loss(model)
     assert aux.item() > 0.5
     tokens = torch.tensor(int(batch["labels"][:, 1:].numel()))

@@ -128,14 +128,20 @@ def data_parallel_group() -> torch.distributed.ProcessGroup | None:
 
 
 def label_share(
-    model: nn.Module, labels: torch.Tensor, shift_labels: torch.Tensor | None, num_items_in_batch: Any
+    model: nn.Module,
+    labels: torch.Tensor,
+    shift_labels: torch.Tensor | None,
+    num_items_in_batch: Any,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor | float:
-    """This call's share of the label tokens its task loss is normalized by, 1 when it is normalized by its own.
+    """The weight of one call's router losses when its task loss is normalized by ``num_items_in_batch``, the label
+    count of a whole accumulated batch (``transformers.Trainer``): that call's share of the batch's label tokens.
 
-    ``num_items_in_batch`` is ``transformers.Trainer``'s count over an accumulated (and, with
-    ``average_tokens_across_devices``, global) batch; the count here follows the Trainer's rule (``shift_labels``, else
-    ``labels[..., 1:]`` for causal-LM losses, else ``labels``), so the shares of the accumulated calls sum to 1 (to
-    the world size on each rank when the Trainer scales the loss by it, which DDP's averaging undoes).
+    The count follows the Trainer's rule (``shift_labels``, else ``labels[..., 1:]`` for causal-LM losses, else
+    ``labels``). Under data parallelism both counts are summed over ``group``, so every rank gives the term the same
+    weight (what ``aux_loss``'s global-batch gradient needs); whether the Trainer counts tokens per rank or over all
+    ranks (``average_tokens_across_devices``, where it then multiplies the loss by the rank count) the accumulated
+    calls then add the term once. 1 when ``num_items_in_batch`` is None (the loss is this call's own mean).
     """
     if num_items_in_batch is None:
         return 1.0
@@ -146,7 +152,11 @@ def label_share(
         config, "is_encoder_decoder", False
     )
     counted = shift_labels if shift_labels is not None else labels[..., 1:] if shifts else labels
-    return counted.ne(-100).sum() / num_items_in_batch
+    counts = torch.stack([counted.ne(-100).sum(), torch.as_tensor(num_items_in_batch, device=counted.device).sum()])
+    counts = counts.double() if counts.device.type == "cpu" else counts.float()
+    if group is not None:
+        torch.distributed.all_reduce(counts, group=group)
+    return (counts[0] / counts[1].clamp_min(1)).float()
 
 
 def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:

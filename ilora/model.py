@@ -102,8 +102,8 @@ class ILoraModel(BaseTuner):
 
         Under data parallelism the router statistics are those of the global batch (``losses.data_parallel_group``).
         When the caller normalizes the task loss over an accumulated batch (``num_items_in_batch``, as
-        ``transformers.Trainer`` does), the term is weighted by this call's share of those label tokens, so the
-        accumulated steps together add it once.
+        ``transformers.Trainer`` does), the term is weighted by this call's share of those label tokens
+        (``losses.label_share``), so the accumulated calls together add it once.
         """
         if not module.training:
             return output
@@ -125,10 +125,14 @@ class ILoraModel(BaseTuner):
                 "in ilora.integrations.transformers.AuxLossMixin (class T(AuxLossMixin, SFTTrainer): pass); "
                 "otherwise set aux_loss_in_output=False and add ilora.aux_loss(model) to your loss."
             )
-        aux = losses.aux_loss(module, losses.data_parallel_group())
-        aux = aux * losses.label_share(module, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+        group = losses.data_parallel_group()
+        share = losses.label_share(module, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), group)
+        aux = losses.aux_loss(module, group) * share
         output["loss"] = loss + aux.to(loss.dtype)
-        output["ilora_aux_loss"] = aux.detach()
+        try:  # an attribute, not a key: DDP rebuilds a ModelOutput from its declared fields
+            output.ilora_aux_loss = aux.detach()
+        except AttributeError:
+            output["ilora_aux_loss"] = aux.detach()
         return output
 
     def _warn_if_router_losses_went_unused(self) -> None:

@@ -6,12 +6,14 @@ from typing import Any
 
 from transformers import Trainer
 
+from ..context import TASK_IDS_KWARG
 from ..losses import aux_loss, caller_adds_aux_loss, data_parallel_group
 
 
 class AuxLossMixin:
     """Mix into any ``Trainer`` subclass: ``compute_loss`` returns the task loss plus ``ilora.aux_loss(model)``.
 
+    It also keeps an ``ilora_task_ids`` dataset column, which ``remove_unused_columns=True`` would drop.
     It works whichever way the Trainer computes its loss (the model's ``loss``, a ``compute_loss_func``, label
     smoothing, TRL's log-probabilities): the model is told to leave the router losses out of its own loss
     (``losses.caller_adds_aux_loss``) and they are added here, once. Under data parallelism (DDP, FSDP, DeepSpeed)
@@ -28,6 +30,14 @@ class AuxLossMixin:
                 aux = aux / getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss + aux
         return (loss, outputs) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps only the model's forward arguments; task ids reach the layers as a keyword the
+        # base model's signature does not name.
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        columns = self._signature_columns  # type: ignore[has-type]
+        if columns is not None and TASK_IDS_KWARG not in columns:
+            self._signature_columns = [*columns, TASK_IDS_KWARG]
 
     def _task_loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirrors ``Trainer.training_step``: True when it will *not* divide the returned loss by the steps."""

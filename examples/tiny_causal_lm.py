@@ -29,9 +29,9 @@ def main(steps: int = 60, seed: int = 0) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for step in range(steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        total = loss + ilora.aux_loss(model)
-        total.backward()
+        out = model(input_ids=batch, labels=batch)  # training with labels: the balance loss is in out.loss
+        loss = out.loss - out.ilora_aux_loss
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps - 1:

@@ -84,7 +84,7 @@ class ILoraLayer(BaseTunerLayer):
         super().set_adapter(adapter_names, *args, **kwargs)
         self._freeze_one_expert_routers()
 
-    if hasattr(BaseTunerLayer, "set_requires_grad"):  # peft >= 0.18
+    if hasattr(BaseTunerLayer, "set_requires_grad"):  # newer peft (0.21; not 0.15)
 
         def set_requires_grad(self, adapter_names: Any, requires_grad: bool = True) -> None:
             super().set_requires_grad(adapter_names, requires_grad)

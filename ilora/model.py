@@ -1,9 +1,9 @@
 """``ILoraModel``: PEFT's tuner for ILoRA: target matching, create-and-replace, adapters, merge and unload.
 
 Adapter management (``set_adapter``, ``delete_adapter``, enabling and disabling, trainability) is PEFT's own
-``BaseTuner`` where the installed peft has it (0.17 and later); for older releases the methods that ``BaseTuner``
-lacks are defined below, each doing what peft 0.21's does (``modules_to_save`` copies follow ``set_adapter`` and
-go with ``delete_adapter``, ``inference_mode`` freezes the adapter, a merged adapter cannot be deleted).
+``BaseTuner`` where the installed peft has it (0.21 does, 0.15 does not); where it lacks a method, the one defined
+below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapter`` and go with ``delete_adapter``,
+``inference_mode`` freezes the adapter, a merged adapter cannot be deleted).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ILoraModel(BaseTuner):
         self._aux_reads_at_unused_stats: int | None = None
         self._warned_unused_stats = False
 
-    if not base_tuner_has("__getattr__"):  # peft < 0.17 does not forward unknown attributes to the wrapped model
+    if not base_tuner_has("__getattr__"):  # older peft (0.15) does not forward unknown attributes
 
         def __getattr__(self, name: str) -> Any:
             try:
@@ -152,7 +152,7 @@ class ILoraModel(BaseTuner):
     # ------------------------------------------------------------------------------------------ injection
     @staticmethod
     def _prepare_adapter_config(peft_config: ILoraConfig, model_config: dict) -> ILoraConfig:
-        # Abstract in peft < 0.17; later releases do the same with a message that does not name the field.
+        # Abstract in peft 0.15; 0.21 does the same with a message that does not name the field.
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
@@ -192,7 +192,7 @@ class ILoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    # ---------------------------------------------------- what BaseTuner does itself from peft 0.17 (LoraModel before)
+    # ------------------------------------ what BaseTuner does itself in newer peft (0.21), LoraModel in older (0.15)
     if not base_tuner_has("_replace_module"):
 
         def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -322,7 +322,7 @@ class ILoraModel(BaseTuner):
 
 
 def _set_auxiliary_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """peft < 0.17: point the ``modules_to_save`` copies at ``adapter_name`` (peft 0.21's ``_set_adapter``)."""
+    """Older peft (0.15): point the ``modules_to_save`` copies at ``adapter_name`` (peft 0.21's ``_set_adapter``)."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for module in model.modules():
         if isinstance(module, AuxiliaryTrainingWrapper) and names:
@@ -341,7 +341,7 @@ def _check_adapter_not_merged(model: nn.Module, adapter_name: str) -> None:
 
 
 def _delete_auxiliary_adapter(model: nn.Module, adapter_name: str, new_active: list[str] | None) -> None:
-    """peft < 0.17: drop ``adapter_name``'s ``modules_to_save`` copies (peft 0.21's ``ModulesToSaveWrapper``)."""
+    """Older peft (0.15): drop ``adapter_name``'s ``modules_to_save`` copies (peft 0.21's ``ModulesToSaveWrapper``)."""
     for module in model.modules():
         if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
             continue

@@ -57,6 +57,8 @@ TEST_CASES = [
           "top_k": 2, "balance_loss_coef": 0.01}),
     Case("qwen2 sequence soft", "qwen2", ilora.ILoraConfig,
          {"target_modules": ["q_proj", "o_proj"], "router": "sequence"}),
+    Case("llama sequence top-1, all-linear", "llama", ilora.ILoraConfig,
+         {"target_modules": "all-linear", "router": "sequence", "routing": "topk", "top_k": 1}),
     Case("qwen2 task top-1", "qwen2", ilora.ILoraConfig,
          {"target_modules": ["k_proj", "up_proj"], "router": "task", "num_tasks": 3, "routing": "topk", "top_k": 1}),
     Case("mlp task soft", "mlp", ilora.ILoraConfig, {"target_modules": ["fc_in"], "router": "task", "num_tasks": 3}),
@@ -157,7 +159,8 @@ def check_save_and_load(case: Case, path: Path) -> None:
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "ILORA"
     assert "import ilora" in (path / "README.md").read_text()  # the model card says how to load it
     tensors = load_file(path / "adapter_model.safetensors")
-    assert all(".ilora_" in k or ".modules_to_save." in k or k.startswith("base_model.model.fc_out") for k in tensors)
+    saved_modules = tuple(f"base_model.model.{m}." for m in case.kwargs.get("modules_to_save", []))
+    assert all(".ilora_" in k or k.startswith(saved_modules) for k in tensors)  # adapters and modules_to_save only
     layer = ilora.ilora_layers(pm)[0]
     E, key = layer.ilora_config["default"].num_experts, f"base_model.model.{layer.ilora_name}"
     assert tensors[f"{key}.ilora_B"].shape == (E, BASE["r"], layer.out_features)

@@ -61,8 +61,9 @@ def main(max_steps: int = 400, target: float = 0.05, seed: int = 0) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for step in range(1, max_steps + 1):
-        loss = model(input_ids=batch, labels=labels).loss
-        (loss + ilora.aux_loss(model)).backward()
+        out = model(input_ids=batch, labels=labels)  # training with labels: the balance loss is in out.loss
+        loss = out.loss - out.ilora_aux_loss
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 20 == 0 or step == 1 or loss.item() < target:

@@ -34,6 +34,17 @@ def ensure_peft_type() -> PeftType:
     return member
 
 
+def base_tuner_has(name: str) -> bool:
+    """True when the installed peft's ``BaseTuner`` implements ``name`` itself (defined there and not abstract).
+
+    ``ILoraModel`` defines a method only where this is False, so each peft release runs its own version.
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+
+    attr = BaseTuner.__dict__.get(name)
+    return attr is not None and not getattr(attr, "__isabstractmethod__", False)
+
+
 def register(config_cls: type, model_cls: type) -> None:
     """Register the method with PEFT unless an earlier import already did."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING

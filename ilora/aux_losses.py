@@ -34,15 +34,14 @@ EXTRA_STATS = 4
 _CV_EPS = 1e-10  # LoRAMoE's cv_squared epsilon
 
 
+# Every ILoraConfig coefficient of a router loss (a layer with one expert has all of them at 0).
+COEFFICIENTS = ("balance_loss_coef", "router_z_loss_coef", "router_entropy_coef", "localized_balance_coef")
+
+
 def has_aux_loss(config: ILoraConfig) -> bool:
     """Whether any auxiliary loss of ``config`` is on (so training forwards must keep router statistics). A layer
     with one expert has no routing to regularise: it keeps none, and does not count in ``aux_loss``'s average."""
-    return config.num_experts > 1 and bool(
-        config.balance_loss_coef
-        or config.router_z_loss_coef
-        or config.router_entropy_coef
-        or config.localized_balance_coef
-    )
+    return config.num_experts > 1 and any(getattr(config, name) for name in COEFFICIENTS)
 
 
 def layer_stats(logits: torch.Tensor, gates: Gates, x: torch.Tensor, config: ILoraConfig) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from peft.config import PeftConfig
@@ -10,6 +11,38 @@ from peft.config import PeftConfig
 from . import aux_losses, presets
 from ._peft import ensure_peft_type
 from .registry import resolve
+
+LOADING_HEADING = "## Loading this ILoRA adapter"
+LOADING_SECTION = f"""{LOADING_HEADING}
+
+This adapter is routed LoRA (`"peft_type": "ILORA"`), a PEFT method that the `ilora` package registers with PEFT when
+it is imported. Without `import ilora`, PEFT stops with `KeyError: 'ILORA'`.
+
+```python
+import ilora  # pip install "ilora[triton] @ git+https://github.com/OWNER/ilora.git"
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
+```
+"""
+
+
+def _add_loading_section(card: Path) -> None:
+    """Add ``LOADING_SECTION`` to the model card at ``card`` (created if absent), once; PEFT keeps an existing card's
+    text and adds its own metadata to it."""
+    text = card.read_text() if card.exists() else ""
+    if LOADING_HEADING in text:
+        return
+    card.write_text(f"{text.rstrip()}\n\n{LOADING_SECTION}" if text else LOADING_SECTION)
+
+
+def _bad(field_name: str, why: str) -> ValueError:
+    return ValueError(f"ILoraConfig.{field_name}: {why}")
+
+
+def _all_str(values: Any) -> bool:
+    return isinstance(values, (list, tuple, set)) and all(isinstance(v, str) for v in values)
+
 
 CRAB_TARGETS = presets.ATTENTION_TARGETS + presets.MLP_TARGETS
 
@@ -38,7 +71,14 @@ class ILoraConfig(PeftConfig):
         },
     )
     use_rslora: bool = field(default=False, metadata={"help": "Use scaling = lora_alpha / sqrt(r)."})
-    num_experts: int = field(default=3, metadata={"help": "Number of LoRA experts (the authors' 'heads')."})
+    num_experts: int = field(
+        default=3,
+        metadata={
+            "help": "Number of LoRA experts (the authors' 'heads'). With 1 the adapter is plain LoRA: its router is "
+            "kept (and saved) but frozen, since one expert always gets weight 1, so router kind and temperature have "
+            "no effect and the router losses are refused."
+        },
+    )
     shared_a: bool = field(
         default=True, metadata={"help": "One A shared by all experts (Crab, Crab+, HydraLoRA) or one A per expert."}
     )
@@ -60,6 +100,14 @@ class ILoraConfig(PeftConfig):
     )
     router_z_loss_coef: float = field(
         default=0.0, metadata={"help": "Weight of the router z-loss (mean logsumexp(logits)^2) in ilora.aux_loss."}
+    )
+    aux_loss_in_output: bool = field(
+        default=True,
+        metadata={
+            "help": "Add the weighted router losses to the output's loss when the model is called with labels in "
+            "training (as transformers' MoE models add router_aux_loss_coef * aux_loss), exposed as "
+            "output.ilora_aux_loss. False: add ilora.aux_loss(model) to your loss yourself."
+        },
     )
     check_router_logits: bool = field(
         default=True,
@@ -134,39 +182,89 @@ class ILoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type()
+        self._validate_adapter()
+        self._validate_routing()
+        self._validate_targets()
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = sorted(set(self.exclude_modules))
-        self._validate()
 
-    def _validate(self) -> None:
-        def bad(field_name: str, why: str) -> ValueError:
-            return ValueError(f"ILoraConfig.{field_name}: {why}")
-
-        if not isinstance(self.r, int) or self.r < 1:
-            raise bad("r", f"must be a positive integer, got {self.r!r}")
+    def _validate_adapter(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise _bad("r", f"must be a positive integer, got {self.r!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
+            raise _bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+            raise _bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.dropout_per_expert, bool):
-            raise bad("dropout_per_expert", f"must be True or False, got {self.dropout_per_expert!r}")
-        self._validate_parts(bad)
-        if self.routing in ("topk", "top_p") and not 1 <= self.top_k <= self.num_experts:
-            raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
-        if self.router == "task" and (self.num_tasks is None or self.num_tasks < 1):
-            raise bad("num_tasks", f"router='task' needs num_tasks >= 1, got {self.num_tasks!r}")
-        if self.router_temperature <= 0:
-            raise bad("router_temperature", f"must be positive, got {self.router_temperature!r}")
-        if self.balance_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise bad("balance_loss_coef/router_z_loss_coef", "must be non-negative")
+            raise _bad("dropout_per_expert", f"must be True or False, got {self.dropout_per_expert!r}")
+        if not isinstance(self.init_lora_weights, bool):
+            raise _bad(
+                "init_lora_weights",
+                f"must be True (B zero: the model starts unchanged) or False (random B), got "
+                f"{self.init_lora_weights!r}; LoRA's initialisations (gaussian, pissa, olora, loftq, eva, ...) do not "
+                "apply to routed experts",
+            )
+        for name in ("use_rslora", "shared_a", "inference_mode", "check_router_logits", "aux_loss_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.use_kernels not in ("auto", "torch", "triton"):
-            raise bad("use_kernels", f"must be 'auto', 'torch' or 'triton', got {self.use_kernels!r}")
+            raise _bad("use_kernels", f"must be 'auto', 'torch' or 'triton', got {self.use_kernels!r}")
         if self.bias != "none":
-            raise bad("bias", f"only 'none' is supported, got {self.bias!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise bad("layers_pattern", "only makes sense together with layers_to_transform")
+            raise _bad("bias", f"only 'none' is supported, got {self.bias!r}")
+
+    def _validate_routing(self) -> None:
+        self._validate_parts(_bad)
+        if self.routing in ("topk", "top_p") and not 1 <= self.top_k <= self.num_experts:
+            raise _bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+        if self.router == "task" and (self.num_tasks is None or self.num_tasks < 1):
+            raise _bad("num_tasks", f"router='task' needs num_tasks >= 1, got {self.num_tasks!r}")
+        if self.router != "task" and self.num_tasks is not None:
+            raise _bad("num_tasks", f"is only used with router='task' (router={self.router!r}); leave it unset")
+        if self.router_temperature <= 0:
+            raise _bad("router_temperature", f"must be positive, got {self.router_temperature!r}")
+        if self.balance_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise _bad("balance_loss_coef/router_z_loss_coef", "must be non-negative")
+        if self.num_experts == 1:
+            # One expert always gets weight 1: its router is frozen and a router loss would be a constant. (Router
+            # kind and temperature are documented as having no effect there.)
+            for name in ("balance_loss_coef", "router_z_loss_coef"):
+                if getattr(self, name):
+                    raise _bad(
+                        name,
+                        f"has no effect with num_experts=1 (one expert always gets weight 1, so the loss is a "
+                        f"constant), got {getattr(self, name)!r}; set it to 0 or use more experts",
+                    )
+
+    def _validate_targets(self) -> None:
+        # The combinations PEFT's LoraConfig refuses for the same fields, and types PEFT would misread later.
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _all_str(value):
+                raise _bad(name, f"must be a regex string or a list of module names, got {value!r}")
+        if self.modules_to_save is not None and (
+            isinstance(self.modules_to_save, str) or not _all_str(self.modules_to_save)
+        ):
+            raise _bad("modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
+        layers = self.layers_to_transform
+        indices = [layers] if isinstance(layers, int) else layers if isinstance(layers, (list, tuple)) else [None]
+        if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise _bad("layers_to_transform", f"must be a layer index or a list of them (>= 0), got {layers!r}")
+        if isinstance(self.target_modules, str) and layers is not None:
+            raise _bad("layers_to_transform", "cannot be used when target_modules is a regex string: put the layer "
+                                              "indices in the regex, or give target_modules as a list")  # fmt: skip
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise _bad("layers_pattern", "cannot be used when target_modules is a regex string")
+        if self.layers_pattern and layers is None:
+            raise _bad("layers_pattern", "only makes sense together with layers_to_transform")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``save_pretrained`` (``adapter_config.json``), plus a model card section saying how to load the
+        adapter: PEFT only knows ``peft_type: ILORA`` after ``import ilora`` and otherwise fails with
+        ``KeyError: 'ILORA'`` before any ilora code can run, so the card is where the hint can live."""
+        super().save_pretrained(save_directory, **kwargs)
+        _add_loading_section(Path(save_directory) / "README.md")
 
     def _validate_parts(self, bad: Any) -> None:
         """The router and gate are registered parts (``ilora.registry``); record the classes of users' parts."""
@@ -203,7 +301,9 @@ class ILoraConfig(PeftConfig):
             return self
         experts = self.num_experts_pattern[pattern_key]
         try:
-            return replace(self, num_experts=experts, top_k=min(self.top_k, experts))
+            # A one-expert layer is plain LoRA: nothing to route, so its router losses are off (not refused).
+            no_routing = dict.fromkeys(aux_losses.COEFFICIENTS, 0.0) if experts == 1 else {}
+            return replace(self, num_experts=experts, top_k=min(self.top_k, experts), **no_routing)
         except ValueError as err:
             raise ValueError(f"{err} (for module {key!r}, given {experts} experts by num_experts_pattern)") from None
 

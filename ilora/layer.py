@@ -53,6 +53,8 @@ class ILoraLayer(BaseTunerLayer):
         self._merged: dict[str, _Merged] = {}
         # Router statistics of the last training forward per adapter (``losses.router_stats``), read by ``aux_loss``.
         self.aux_stats: dict[str, torch.Tensor] = {}
+        # Adapters whose ``aux_stats`` an ``aux_loss`` call has read since they were stored.
+        self.aux_stats_read: set[str] = set()
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
 
     def update_layer(self, adapter_name: str, config: ILoraConfig) -> None:
@@ -73,6 +75,23 @@ class ILoraLayer(BaseTunerLayer):
         self.ilora_router[adapter_name] = build_router(config, self.in_features)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``set_adapter``, except that a one-expert adapter's router never trains: its softmax over one
+        logit is 1 whatever the weights, so it would hold parameters that never get a gradient (which DDP refuses)."""
+        super().set_adapter(adapter_names, *args, **kwargs)
+        self._freeze_one_expert_routers()
+
+    if hasattr(BaseTunerLayer, "set_requires_grad"):  # newer peft (0.21; not 0.15)
+
+        def set_requires_grad(self, adapter_names: Any, requires_grad: bool = True) -> None:
+            super().set_requires_grad(adapter_names, requires_grad)
+            self._freeze_one_expert_routers()
+
+    def _freeze_one_expert_routers(self) -> None:
+        for name, router in self.ilora_router.items():
+            if self.ilora_config[name].num_experts == 1:
+                router.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------------- merging
     def _fixed_gates(self, adapter_name: str) -> torch.Tensor:
@@ -203,7 +222,10 @@ class Linear(nn.Module, ILoraLayer):
         """Hand this call's routing, padding left out, to the recorder and (training) to ``aux_loss``.
 
         A checkpointed forward recomputed in backward is neither recorded nor stored again, but computes the same
-        statistics: non-reentrant checkpointing matches the tensors saved by both runs in order.
+        statistics: non-reentrant checkpointing matches the tensors saved by both runs in order. A training-mode
+        forward without autograd (a metrics pass beside the training forward, as TRL's trainers run) leaves unread
+        statistics of a forward with autograd in place; otherwise its graph-less statistics are stored, so that
+        ``aux_loss`` refuses them (reentrant checkpointing runs the forward that way) instead of training nothing.
         """
         config = self.ilora_config[name]
         recorder, again = current_recorder(), recomputing()
@@ -214,11 +236,16 @@ class Linear(nn.Module, ILoraLayer):
                 recorder.add(self.ilora_name, gates.to_dense(config.num_experts), keep)
         if wants_stats:
             stats = layer_stats(logits, gates, x, config)
-            if not again:
+            if not again and not self._keeps_unread_stats(name, stats):
                 self.aux_stats[name] = stats
+                self.aux_stats_read.discard(name)
                 bind_for_backward(stats)
         elif not again:
             self.aux_stats.pop(name, None)
+
+    def _keeps_unread_stats(self, name: str, stats: torch.Tensor) -> bool:
+        held = self.aux_stats.get(name)
+        return not stats.requires_grad and held is not None and held.requires_grad and name not in self.aux_stats_read
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         config = self.ilora_config[name]

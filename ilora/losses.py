@@ -4,10 +4,15 @@ A routed layer keeps, per training forward, its router statistics as *sums over 
 are computed from them only in ``aux_loss``. Sums add across data-parallel ranks, so with ``group=`` the losses are
 those of the global batch, not a mean of per-rank losses: one all-reduce for the whole model.
 ``aux_loss`` sums ``coef * loss`` per adapter and averages over routed layers, so a coefficient means the same at any
-depth.
+depth. A training call of an ILoRA model with labels adds it to the output's loss itself (``ILoraModel``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +115,69 @@ def _check_trainable(layer: nn.Module, name: str, stats: torch.Tensor) -> None:
         )
 
 
+_reads = 0  # calls of aux_loss so far: ILoraModel warns once when a training call's statistics are never read
+_caller_adds = contextvars.ContextVar("ilora_caller_adds_aux_loss", default=False)
+
+
+@contextlib.contextmanager
+def caller_adds_aux_loss() -> Iterator[None]:
+    """While active, training calls with labels leave the router losses out of the model's loss, because the caller
+    adds ``aux_loss`` itself (``ilora.integrations.transformers.AuxLossMixin`` does)."""
+    token = _caller_adds.set(True)
+    try:
+        yield
+    finally:
+        _caller_adds.reset(token)
+
+
+def caller_adds() -> bool:
+    """Whether the current call is inside ``caller_adds_aux_loss``."""
+    return _caller_adds.get()
+
+
+def aux_loss_reads() -> int:
+    """How many times ``aux_loss`` has been called in this process."""
+    return _reads
+
+
+def data_parallel_group() -> torch.distributed.ProcessGroup | None:
+    """The group ``aux_loss`` reduces over when called for a training step: every rank, when there are several."""
+    dist = torch.distributed
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def label_share(
+    model: nn.Module,
+    labels: torch.Tensor,
+    shift_labels: torch.Tensor | None,
+    num_items_in_batch: Any,
+    group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor | float:
+    """The weight of one call's router losses when its task loss is normalized by ``num_items_in_batch``, the label
+    count of a whole accumulated batch (``transformers.Trainer``): that call's share of the batch's label tokens.
+
+    The count follows the Trainer's rule (``shift_labels``, else ``labels[..., 1:]`` for causal-LM losses, else
+    ``labels``). Under data parallelism both counts are summed over ``group``, so every rank gives the term the same
+    weight (what ``aux_loss``'s global-batch gradient needs); whether the Trainer counts tokens per rank or over all
+    ranks (``average_tokens_across_devices``, where it then multiplies the loss by the rank count) the accumulated
+    calls then add the term once. 1 when ``num_items_in_batch`` is None (the loss is this call's own mean).
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    config = getattr(model, "config", None)
+    shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not getattr(
+        config, "is_encoder_decoder", False
+    )
+    counted = shift_labels if shift_labels is not None else labels[..., 1:] if shifts else labels
+    counts = torch.stack([counted.ne(-100).sum(), torch.as_tensor(num_items_in_batch, device=counted.device).sum()])
+    counts = counts.double() if counts.device.type == "cpu" else counts.float()
+    if group is not None:
+        torch.distributed.all_reduce(counts, group=group)
+    return (counts[0] / counts[1].clamp_min(1)).float()
+
+
 def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """The weighted auxiliary router losses of the last training forward of ``model`` (0 when none are set).
 
@@ -124,6 +192,8 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
     from .aux_losses import weighted_aux_loss
     from .layer import ILoraLayer
 
+    global _reads
+    _reads += 1
     configs = []
     stats: list[torch.Tensor] = []
     layers = 0
@@ -133,6 +203,7 @@ def aux_loss(model: nn.Module, group: torch.distributed.ProcessGroup | None = No
         layers += 1
         for name, layer_stats in module.aux_stats.items():
             _check_trainable(module, name, layer_stats)
+            module.aux_stats_read.add(name)
             configs.append(module.ilora_config[name])
             stats.append(layer_stats)
     device = stats[0].device if stats else next(model.parameters()).device

@@ -1,7 +1,9 @@
 """``ILoraModel``: PEFT's tuner for ILoRA: target matching, create-and-replace, adapters, merge and unload.
 
-Everything PEFT >= 0.15 needs is implemented here rather than inherited, because ``BaseTuner`` grew most of these
-methods only in later releases.
+Adapter management (``set_adapter``, ``delete_adapter``, enabling and disabling, trainability) is PEFT's own
+``BaseTuner`` where the installed peft has it (0.21 does, 0.15 does not); where it lacks a method, the one defined
+below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapter`` and go with ``delete_adapter``,
+``inference_mode`` freezes the adapter, a merged adapter cannot be deleted).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper, _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import context
-from ._peft import PREFIX
+from . import context, losses
+from ._peft import PREFIX, base_tuner_has
 from .config import ILoraConfig
 from .context import TASK_IDS_KWARG, routing_context
 from .layer import ILoraLayer, Linear, MergeNotSupportedError
@@ -65,16 +68,20 @@ class ILoraModel(BaseTuner):
         self._model_generate = getattr(self.model, "generate", None)
         if callable(self._model_generate):
             self._hooks.append(_InstanceAttribute(self.model, "generate", self.generate))
+        # On the wrapped model, not in forward(): PEFT's generic PeftModel calls the wrapped model directly.
+        self._hooks.append(self.model.register_forward_hook(self._add_aux_loss_to_output, with_kwargs=True))
+        self._aux_reads_at_unused_stats: int | None = None
+        self._warned_unused_stats = False
 
-    def __getattr__(self, name: str) -> Any:
-        # PEFT 0.15's BaseTuner does not forward unknown attributes (prepare_inputs_for_generation, config) to
-        # the wrapped model; later releases do.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    if not base_tuner_has("__getattr__"):  # older peft (0.15) does not forward unknown attributes
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                if name == "model":
+                    raise
+                return getattr(self.model, name)
 
     # ------------------------------------------------------------------------------- per-call routing state
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -107,9 +114,64 @@ class ILoraModel(BaseTuner):
             # Activation checkpointing recomputes this forward in backward, maybe on another thread: bind its state.
             context.bind_for_backward(output, state)
 
+    # ------------------------------------------------------------------------------------------ router losses
+    def _add_aux_loss_to_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Add ``ilora.aux_loss`` to the loss of a training call with labels, as transformers' MoE models add
+        ``router_aux_loss_coef * aux_loss``; the term is also returned as ``output.ilora_aux_loss``.
+
+        Under data parallelism the router statistics are those of the global batch (``losses.data_parallel_group``).
+        When the caller normalizes the task loss over an accumulated batch (``num_items_in_batch``, as
+        ``transformers.Trainer`` does), the term is weighted by this call's share of those label tokens
+        (``losses.label_share``), so the accumulated calls together add it once.
+        """
+        if not module.training:
+            return output
+        collected = [name for layer in ilora_layers(module) for name in layer.aux_stats]
+        if not collected:
+            return output
+        self._warn_if_router_losses_went_unused()
+        configs = [self.peft_config[name] for name in set(collected) if name in self.peft_config]
+        labels = kwargs.get("labels")
+        if labels is None or losses.caller_adds() or not all(c.aux_loss_in_output for c in configs):
+            self._aux_reads_at_unused_stats = losses.aux_loss_reads()
+            return output
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if loss is None or "log_probs" in output:
+            raise ValueError(
+                f"ILoRA router losses (ILoraConfig.balance_loss_coef / router_z_loss_coef) cannot be added to this "
+                f"call's loss: the model returned {type(output).__name__} and its caller computes the loss outside "
+                "the model (TRL's trainers do, from log_probs) or gets a tuple. With a transformers/TRL trainer, mix "
+                "in ilora.integrations.transformers.AuxLossMixin (class T(AuxLossMixin, SFTTrainer): pass); "
+                "otherwise set aux_loss_in_output=False and add ilora.aux_loss(model) to your loss."
+            )
+        group = losses.data_parallel_group()
+        share = losses.label_share(module, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), group)
+        aux = losses.aux_loss(module, group) * share
+        output["loss"] = loss + aux.to(loss.dtype)
+        try:  # an attribute, not a key: DDP rebuilds a ModelOutput from its declared fields
+            output.ilora_aux_loss = aux.detach()
+        except AttributeError:
+            output["ilora_aux_loss"] = aux.detach()
+        return output
+
+    def _warn_if_router_losses_went_unused(self) -> None:
+        # Statistics of an earlier training call were left to the user; no aux_loss call has read any since.
+        pending, self._aux_reads_at_unused_stats = self._aux_reads_at_unused_stats, None
+        if pending is None or pending != losses.aux_loss_reads() or self._warned_unused_stats:
+            return
+        self._warned_unused_stats = True
+        warnings.warn(
+            "ILoRA router statistics for the balance/z losses were collected in training but never used: call the "
+            "model with labels (the losses are then added to its loss), add ilora.aux_loss(model) to your loss, or "
+            "set balance_loss_coef and router_z_loss_coef to 0. This warning is shown once.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     # ------------------------------------------------------------------------------------------ injection
     @staticmethod
     def _prepare_adapter_config(peft_config: ILoraConfig, model_config: dict) -> ILoraConfig:
+        # Abstract in peft 0.15; 0.21 does the same with a message that does not name the field.
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
@@ -120,9 +182,11 @@ class ILoraModel(BaseTuner):
             peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
         return peft_config
 
-    @staticmethod
-    def _check_target_module_exists(peft_config: ILoraConfig, key: str) -> Any:
-        return check_target_module_exists(peft_config, key)
+    if not base_tuner_has("_check_target_module_exists"):
+
+        @staticmethod
+        def _check_target_module_exists(peft_config: ILoraConfig, key: str) -> Any:
+            return check_target_module_exists(peft_config, key)
 
     def _create_and_replace(
         self,
@@ -148,45 +212,71 @@ class ILoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        setattr(parent, child_name, new_module)
+    # ------------------------------------ what BaseTuner does itself in newer peft (0.21), LoraModel in older (0.15)
+    if not base_tuner_has("_replace_module"):
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
+        def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+            # The layer already put its adapters on the base layer's device (_move_adapter_to_device_of_base_layer).
+            setattr(parent, child_name, new_module)
 
-    # ------------------------------------------------------------------------------------ adapter management
-    def _set_adapter_layers(self, enabled: bool) -> None:
-        for module in self.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                module.enable_adapters(enabled)
+    if not base_tuner_has("_mark_only_adapters_as_trainable"):
 
-    def enable_adapter_layers(self) -> None:
-        self._set_adapter_layers(True)
+        def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+            # ILoraConfig.bias is always "none": only the adapters train; the modules_to_save copies keep their own
+            # requires_grad (peft 0.21's rule; 0.15's LoRA froze an earlier adapter's copies on add_adapter).
+            keep = {id(p) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper) for p in m.parameters()}
+            for module in model.modules():
+                if isinstance(module, ILoraLayer):
+                    dicts = [getattr(module, name) for name in module.adapter_layer_names]
+                    keep.update(id(p) for d in dicts for p in d.parameters())
+            for param in model.parameters():
+                if id(param) not in keep:
+                    param.requires_grad = False
 
-    def disable_adapter_layers(self) -> None:
-        self._set_adapter_layers(False)
+    if not base_tuner_has("enable_adapter_layers"):
 
-    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
-        for module in self.model.modules():
-            if isinstance(module, ILoraLayer):
-                if module.merged:
-                    warnings.warn("an adapter is merged: unmerging it before switching adapters", stacklevel=2)
-                    module.unmerge()
-                module.set_adapter(adapter_name)
-        self.active_adapter = adapter_name
+        def enable_adapter_layers(self) -> None:
+            for module in self.model.modules():
+                if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                    module.enable_adapters(True)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {sorted(self.peft_config)}")
-        del self.peft_config[adapter_name]
-        remaining: list[str] = []
-        for module in self.model.modules():
-            if isinstance(module, ILoraLayer):
-                module.delete_adapter(adapter_name)
-                remaining = module.active_adapters
-        self.active_adapter = remaining or (sorted(self.peft_config)[:1] if self.peft_config else [])
+        def disable_adapter_layers(self) -> None:
+            for module in self.model.modules():
+                if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                    module.enable_adapters(False)
+
+    if not base_tuner_has("set_adapter"):
+
+        def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+            _set_auxiliary_adapter(self.model, adapter_name)
+            for module in self.model.modules():
+                if isinstance(module, ILoraLayer):
+                    if module.merged:
+                        warnings.warn(
+                            "Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2
+                        )
+                        module.unmerge()
+                    module.set_adapter(adapter_name)
+                    if inference_mode:
+                        for layer_name in module.adapter_layer_names:
+                            getattr(module, layer_name).requires_grad_(False)
+            self.active_adapter = adapter_name
+
+    if not base_tuner_has("delete_adapter"):
+
+        def delete_adapter(self, adapter_name: str) -> None:
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"Adapter {adapter_name} does not exist")
+            _check_adapter_not_merged(self.model, adapter_name)
+            del self.peft_config[adapter_name]
+            new_adapter: list[str] | None = None
+            for module in self.model.modules():
+                if isinstance(module, ILoraLayer):
+                    module.delete_adapter(adapter_name)
+                    if new_adapter is None:
+                        new_adapter = module.active_adapters[:]
+            _delete_auxiliary_adapter(self.model, adapter_name, new_adapter)
+            self.active_adapter = new_adapter or []
 
     # ------------------------------------------------------------------------------------- merge and unload
     def merge_and_unload(
@@ -292,6 +382,39 @@ def _refuse_shared_weights(model: nn.Module, layers: list[ILoraLayer]) -> None:
                 "them too. Keep the adapter unmerged, leave this module out of target_modules, or untie the weight "
                 "before get_peft_model (e.g. load with tie_word_embeddings=False and clone the weight)."
             )
+
+
+def _set_auxiliary_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """Older peft (0.15): point the ``modules_to_save`` copies at ``adapter_name`` (peft 0.21's ``_set_adapter``)."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and names:
+            if len(names) > 1:
+                raise ValueError(f"only one adapter can be active with modules_to_save, got {names}")
+            if names[0] in module._adapters:
+                module.set_adapter(names[0])
+                module.enable_adapters(True)
+            else:
+                module.enable_adapters(False)
+
+
+def _check_adapter_not_merged(model: nn.Module, adapter_name: str) -> None:
+    if any(adapter_name in m.merged_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)):
+        raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
+
+
+def _delete_auxiliary_adapter(model: nn.Module, adapter_name: str, new_active: list[str] | None) -> None:
+    """Older peft (0.15): drop ``adapter_name``'s ``modules_to_save`` copies (peft 0.21's ``ModulesToSaveWrapper``)."""
+    for module in model.modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+            continue
+        module._adapters.discard(adapter_name)
+        if new_active and new_active[0] in module.modules_to_save:
+            if new_active[0] != module.active_adapters[0]:
+                module.set_adapter(new_active[0])
+        else:
+            module._active_adapter = []
+        del module.modules_to_save[adapter_name]
 
 
 def ilora_layers(model: nn.Module) -> list[ILoraLayer]:

@@ -109,7 +109,10 @@ class TaskRouter(nn.Module):
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "
-                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...)"
+                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...). Training with "
+                "transformers' Trainer (or TRL's)? Its remove_unused_columns=True drops an 'ilora_task_ids' dataset "
+                "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
+                "TrainingArguments(remove_unused_columns=False)"
             )
         rows = self.task_logits(ids.to(self.weight.device))
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]

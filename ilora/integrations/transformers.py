@@ -4,32 +4,40 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import Trainer
 
-from ..losses import aux_loss
-
-
-def _data_parallel_group() -> torch.distributed.ProcessGroup | None:
-    dist = torch.distributed
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+from ..context import TASK_IDS_KWARG
+from ..losses import aux_loss, caller_adds_aux_loss, data_parallel_group
 
 
 class AuxLossMixin:
     """Mix into any ``Trainer`` subclass: ``compute_loss`` returns the task loss plus ``ilora.aux_loss(model)``.
 
-    Under data parallelism (DDP, FSDP, DeepSpeed) the router losses are those of the global batch. With gradient
-    accumulation each micro-batch adds ``aux / steps``, as the task loss does, whichever way the Trainer normalizes it.
+    It also keeps an ``ilora_task_ids`` dataset column, which ``remove_unused_columns=True`` would drop.
+    It works whichever way the Trainer computes its loss (the model's ``loss``, a ``compute_loss_func``, label
+    smoothing, TRL's log-probabilities): the model is told to leave the router losses out of its own loss
+    (``losses.caller_adds_aux_loss``) and they are added here, once. Under data parallelism (DDP, FSDP, DeepSpeed)
+    the router losses are those of the global batch. With gradient accumulation each micro-batch adds
+    ``aux / steps``, as the task loss does, whichever way the Trainer normalizes it.
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
+        with caller_adds_aux_loss():
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
         if model.training:
-            aux = aux_loss(model, _data_parallel_group()).to(loss.dtype)
+            aux = aux_loss(model, data_parallel_group()).to(loss.dtype)
             if self._task_loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
                 aux = aux / getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss + aux
         return (loss, outputs) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps only the model's forward arguments; task ids reach the layers as a keyword the
+        # base model's signature does not name.
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        columns = self._signature_columns  # type: ignore[has-type]
+        if columns is not None and TASK_IDS_KWARG not in columns:
+            self._signature_columns = [*columns, TASK_IDS_KWARG]
 
     def _task_loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirrors ``Trainer.training_step``: True when it will *not* divide the returned loss by the steps."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from crabplus.distributed import World, deepspeed_config
 from crabplus.config import RunConfig, load_config
+from crabplus.distributed import World, deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs"
 

@@ -1,11 +1,19 @@
-"""ILoraConfig: validation names the field, presets reproduce the authors, JSON round trip."""
+"""ILoraConfig: validation names the field, every field shared with LoraConfig is honoured or refused, presets
+reproduce the authors, JSON round trip."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from peft import LoraConfig, PeftModelForCausalLM, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper as WRAPPER
 
 import ilora
 from ilora.config import CRAB_TARGETS
+
+from .conftest import build
 
 
 @pytest.mark.parametrize(
@@ -50,3 +58,112 @@ def test_json_round_trip(tmp_path) -> None:
     loaded = ilora.ILoraConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == c.to_dict()
     assert '"peft_type": "ILORA"' in (tmp_path / "adapter_config.json").read_text()
+
+
+# ---------------------------------------------------------------------------------------- the fields shared with LoRA
+# Combinations PEFT's LoraConfig refuses for the same fields: ILoraConfig refuses them as clearly, naming the field.
+LORA_REFUSES = [
+    ({"target_modules": "q_proj", "layers_to_transform": [0]}, r"ILoraConfig\.layers_to_transform"),
+    ({"target_modules": ".*proj", "layers_pattern": "layers", "layers_to_transform": 0}, r"layers_to_transform"),
+    ({"layers_pattern": "layers"}, r"ILoraConfig\.layers_pattern"),
+    ({"task_type": "NOT_A_TASK"}, r"task type"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), LORA_REFUSES)
+def test_what_lora_refuses_is_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError):
+        LoraConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        ilora.ILoraConfig(**kwargs)
+
+
+def _tiny(**kwargs):
+    return get_peft_model(
+        build("llama"), ilora.ILoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **kwargs})
+    )
+
+
+def _layer(model) -> ilora.ILoraLayer:
+    return ilora.ilora_layers(model)[0]
+
+
+def _targeted(model) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _same_targets_as_lora(**kwargs) -> bool:
+    lora = get_peft_model(build("llama"), LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **kwargs}))
+    return _targeted(_tiny(**kwargs)) == _targeted(lora) != set()
+
+
+def _metadata_round_trip(tmp_path, **kwargs) -> bool:
+    config = ilora.ILoraConfig(r=4, target_modules=["q_proj"], **kwargs)
+    config.save_pretrained(str(tmp_path))
+    return ilora.ILoraConfig.from_pretrained(str(tmp_path)).to_dict() == config.to_dict()
+
+
+# Every field ILoraConfig shares with PEFT's LoraConfig, with a check that ilora honours it (values it cannot honour
+# are refused: LORA_REFUSES above and INVALID in test_invalid_settings_name_the_field).
+SHARED_FIELDS = {
+    "r": lambda tmp: _layer(_tiny(r=3)).ilora_A["default"].shape[-1] == 3,
+    "lora_alpha": lambda tmp: _layer(_tiny(lora_alpha=12)).scaling["default"] == 3.0,
+    "use_rslora": lambda tmp: _layer(_tiny(lora_alpha=12, use_rslora=True)).scaling["default"] == 6.0,
+    "lora_dropout": lambda tmp: _layer(_tiny(lora_dropout=0.25)).ilora_dropout["default"].p == 0.25,
+    "target_modules": lambda tmp: _same_targets_as_lora(target_modules=r".*\.1\.self_attn\.(q|k)_proj"),
+    "exclude_modules": lambda tmp: _same_targets_as_lora(exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    "layers_to_transform": lambda tmp: _same_targets_as_lora(layers_to_transform=1),
+    "layers_pattern": lambda tmp: _same_targets_as_lora(layers_to_transform=[0], layers_pattern="layers"),
+    "modules_to_save": lambda tmp: isinstance(_tiny(modules_to_save=["lm_head"]).base_model.model.lm_head, WRAPPER),
+    "init_lora_weights": lambda tmp: (
+        bool(_layer(_tiny(init_lora_weights=False)).ilora_B["default"].abs().sum())
+        and not _layer(_tiny(init_lora_weights=True)).ilora_B["default"].abs().sum()
+    ),
+    "inference_mode": lambda tmp: not any(p.requires_grad for p in _tiny(inference_mode=True).parameters()),
+    "task_type": lambda tmp: isinstance(_tiny(task_type="CAUSAL_LM"), PeftModelForCausalLM),
+    "bias": lambda tmp: _tiny(bias="none").peft_config["default"].bias == "none",  # the only value: others refused
+    "peft_type": lambda tmp: _tiny().peft_config["default"].peft_type == "ILORA",
+    "revision": lambda tmp: _metadata_round_trip(tmp, revision="v1"),
+    "base_model_name_or_path": lambda tmp: _metadata_round_trip(tmp, base_model_name_or_path="some/model"),
+    "auto_mapping": lambda tmp: _metadata_round_trip(tmp, auto_mapping={"base_model_class": "LlamaForCausalLM"}),
+    "peft_version": lambda tmp: _metadata_round_trip(tmp),
+}
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_every_field_shared_with_lora_is_listed() -> None:
+    # A field a new peft adds to both configs must be listed here with its check (or refused), never ignored.
+    assert _fields(LoraConfig) & _fields(ilora.ILoraConfig) <= set(SHARED_FIELDS)
+
+
+@pytest.mark.parametrize("field", list(SHARED_FIELDS))
+def test_shared_field_is_honoured(field: str, tmp_path) -> None:
+    if field not in _fields(LoraConfig):
+        pytest.skip(f"this peft's LoraConfig has no {field}")
+    assert SHARED_FIELDS[field](tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"init_lora_weights": "gaussian"}, "init_lora_weights"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save"),
+        ({"target_modules": 3}, "target_modules"),
+        ({"exclude_modules": [3]}, "exclude_modules"),
+        ({"layers_to_transform": "0"}, "layers_to_transform"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+        ({"inference_mode": "x"}, "inference_mode"),
+        ({"num_tasks": 3}, "num_tasks"),
+        ({"num_experts": 1, "balance_loss_coef": 0.01}, "balance_loss_coef"),
+        ({"num_experts": 1, "router_z_loss_coef": 0.01}, "router_z_loss_coef"),
+        ({"aux_loss_in_output": 1}, "aux_loss_in_output"),
+    ],
+)
+def test_values_ilora_cannot_honour_are_refused(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"ILoraConfig\.{field}"):
+        ilora.ILoraConfig(**kwargs)

@@ -133,7 +133,9 @@ def test_aux_loss_after_a_reentrant_checkpointed_forward_names_the_way_out() -> 
     pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     pm.base_model.model.enable_input_require_grads()
     ids, mask = right_padded((8, 3))
-    pm(input_ids=ids, attention_mask=mask, labels=ids)
+    with pytest.raises(RuntimeError, match=r"use_reentrant=False"):  # with labels the model adds the router losses
+        pm(input_ids=ids, attention_mask=mask, labels=ids)
+    pm(input_ids=ids, attention_mask=mask)  # without labels the caller adds them, and is refused alike
     with pytest.raises(RuntimeError, match=r"use_reentrant=False"):
         ilora.aux_loss(pm)
     with torch.no_grad():  # reading the value for logging stays allowed, and it is the right value
@@ -270,8 +272,9 @@ def _loss(pm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, task_ids: list[i
 
 
 def _checkpointed(setting: str, reentrant: bool = False) -> tuple[nn.Module, nn.Module]:
-    plain = make(setting, balance_loss_coef=0.1).train()
-    checkpointed = make(setting, balance_loss_coef=0.1).train()
+    # The test adds the router losses itself (_loss), so the models leave them out of their own loss.
+    plain = make(setting, balance_loss_coef=0.1, aux_loss_in_output=False).train()
+    checkpointed = make(setting, balance_loss_coef=0.1, aux_loss_in_output=False).train()
     base = checkpointed.base_model.model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if reentrant:  # reentrant checkpoints pass gradients only to inputs that require them

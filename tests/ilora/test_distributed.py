@@ -101,19 +101,22 @@ def test_without_a_group_each_rank_only_sees_its_own_tokens() -> None:
     assert not torch.allclose(half, ilora.aux_loss(model))
 
 
-def _trainer_losses(out: Path, processes: int, per_device: int) -> list[float]:
+def _trainer_losses(out: Path, processes: int, per_device: int, trainer: str) -> list[float]:
     worker = str(Path(__file__).with_name("trainer_worker.py"))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *launcher, worker, str(per_device), str(out)]
+    cmd = [sys.executable, *launcher, worker, str(per_device), str(out), trainer]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "losses.json").read_text())
 
 
-def test_ilora_trainer_under_torchrun_matches_one_process(tmp_path) -> None:
+def test_trainer_under_torchrun_matches_one_process(tmp_path) -> None:
     # The logged loss includes the balance loss: per-rank aux losses (no reduction) differ here by ~1e-3 relative.
-    single = _trainer_losses(tmp_path / "one", 1, 4)
-    two = _trainer_losses(tmp_path / "two", 2, 2)
-    assert len(single) == len(two) == 4
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-5, atol=0)
+    # ILoraTrainer adds it in compute_loss; with the plain Trainer the model adds it to its own loss (weighted by the
+    # call's share of the batch's label tokens, which is 1 here: no accumulation), so both match one process.
+    single = _trainer_losses(tmp_path / "one", 1, 4, "ILoraTrainer")
+    for trainer in ("ILoraTrainer", "Trainer"):
+        two = _trainer_losses(tmp_path / trainer, 2, 2, trainer)
+        assert len(single) == len(two) == 4
+        torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-5, atol=0, msg=trainer)

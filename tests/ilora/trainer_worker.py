@@ -1,7 +1,8 @@
-"""``ILoraTrainer`` on a tiny Llama with a top-2 router and a balance loss; run by test_distributed.py in one process
-or under torchrun. Writes the logged losses (task + aux) of rank 0 to ``<out>/losses.json``.
+"""``ILoraTrainer`` (or the plain ``Trainer``, the model adding the router losses to its own loss) on a tiny Llama
+with a top-2 router and a balance loss; run by test_distributed.py in one process or under torchrun. Writes the logged
+losses (task + aux) of rank 0 to ``<out>/losses.json``.
 
-    python tests/ilora/trainer_worker.py PER_DEVICE_BATCH OUT
+    python tests/ilora/trainer_worker.py PER_DEVICE_BATCH OUT [ILoraTrainer|Trainer]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import ilora
 
@@ -43,7 +44,7 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-def main(per_device: int, out: str) -> None:
+def main(per_device: int, out: str, trainer_cls: str = "ILoraTrainer") -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
@@ -55,7 +56,8 @@ def main(per_device: int, out: str) -> None:
                              report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
                              ddp_backend="gloo" if distributed else None,
                              average_tokens_across_devices=True)  # fmt: skip
-    trainer = ilora.ILoraTrainer(model=model, args=args, train_dataset=Tokens(), data_collator=collate)
+    cls = {"ILoraTrainer": ilora.ILoraTrainer, "Trainer": Trainer}[trainer_cls]
+    trainer = cls(model=model, args=args, train_dataset=Tokens(), data_collator=collate)
     trainer.train()
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -70,4 +72,4 @@ def main(per_device: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), sys.argv[2], *sys.argv[3:])

@@ -5,12 +5,12 @@ subsets (s4, ms3, ref_avs, arig) give paths relative to the subset folder. Each 
 registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``: audio cut to the
 authors' per-task window (``crabplus.data.windows``), videos timed at the authors' 1 fps (``meta["fps"]``).
 
-Bad data never stops a pass and is never silent. At index build, a record with a missing field (the frame index of
-ms3, ref_avs and s4 test records included, as the authors' loader reads it; only s4 training always hears part 0),
-a missing media file or (with ``check_media="open"``, the default) a media file that does not open is reported (file,
-index, reason) and left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem and return
-``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the end.
-AVVP test records, which hold no events, take their references from the LLP evaluation files
+Bad data never stops a pass and is never silent. At index build, a record with a missing field (the frame index of ms3,
+ref_avs and s4 test records included, as the authors' loader reads it; only s4 training always hears part 0), a missing
+media file or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index,
+reason) and left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem
+and return ``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the
+end. AVVP test records, which hold no events, take their references from the LLP evaluation files
 (``crabplus.data.llp``; ``avvp_labels`` or ``<root>/avvp/``); without them each is reported with what is missing.
 """
 

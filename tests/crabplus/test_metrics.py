@@ -241,3 +241,16 @@ def test_label_scores_alike_when_the_box_is_unreadable_in_s4_and_arig():
     assert s4["parse_error_rate"] == arig["parse_error_rate"] == 1.0
     assert s4["label_accuracy"] == arig["label_accuracy"] == 1.0
     assert s4["box_iou"] == arig["box_iou"] == 0.0
+
+
+def test_an_unparsable_avvp_answer_scores_1_where_the_reference_has_no_class():
+    # avvp_eval_metrics.py segment_level / event_level: a modality with no active class in prediction and reference
+    # scores 1.0 ("all true negatives"), so garbage scores 1.0 there; on the real LLP test split 174 of 1200 videos
+    # have no audio-visual event (and all-garbage answers score avvp_segment_av 0.145).
+    ref = P(visual_events=(("Dog", 0, 4),))  # no audio event, so no audio-visual one either
+    for garbage in ("garbage", "<audio> nonsense </audio>"):
+        out = score("avvp", [garbage], [ref])
+        assert out["parse_error_rate"] == 1.0
+        for level in ("segment", "event"):
+            assert out[f"avvp_{level}_audio"] == 1.0 and out[f"avvp_{level}_av"] == 1.0
+            assert out[f"avvp_{level}_visual"] == 0.0 and out[f"avvp_{level}_event"] == 0.0

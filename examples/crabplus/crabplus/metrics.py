@@ -25,7 +25,11 @@ What is implemented (each averaged over samples unless said otherwise):
   ``gt_masks`` and come twice (``mask_scores``): over the answers the authors keep (valid SAM2 prompts) and over all
   samples (``_all``), with the count excluded; Ref-AVS per split (J, F on ``test_s``/``test_u``, S on ``test_n``).
 
-A prediction that does not parse scores as wrong (0, or an empty answer); nothing here raises on model output.
+A prediction that does not parse is read as the empty answer (no label, choice, event, box or mask): it scores 0
+wherever the reference holds something to find, and as right where the reference is empty too. So, as in the
+authors' ``avvp_eval_metrics.py``, an unparsable AVVP answer scores 1.0 on a modality (or the audio-visual overlap)
+with no active class in reference; and in the all-samples mask means an empty mask of an empty reference has J = F = 1.
+``parse_error_rate`` counts the unparsable. Nothing here raises on model output.
 """
 
 from __future__ import annotations

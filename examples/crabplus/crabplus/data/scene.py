@@ -190,11 +190,8 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     of the mask resized to ``COORD_SIZE`` by nearest-neighbour sampling through pixel centres (``pixel_index``). For
     a mask of at most ``COORD_SIZE`` pixels a side, the corners map back (``pixel_index``, or ``rescale_index`` then
     ``floor(+0.5)``) exactly onto the mask's own corner pixels; a larger mask is subsampled, as at scoring."""
-    h, w = mask.shape
-    resized = mask[
-        np.ix_(pixel_index(np.arange(COORD_SIZE), COORD_SIZE, h), pixel_index(np.arange(COORD_SIZE), COORD_SIZE, w))
-    ]
-    ys, xs = np.nonzero(resized)
+    rows, cols = (pixel_index(np.arange(COORD_SIZE), COORD_SIZE, n) for n in mask.shape)  # the pixel each samples
+    ys, xs = np.nonzero(mask[np.ix_(rows, cols)])
     if len(xs) == 0:
         raise ValueError("empty mask has no box (at COORD_SIZE)")
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
@@ -206,13 +203,9 @@ def points_of(obj: Obj, config: SynthConfig) -> tuple[tuple[int, int], ...]:
     ys, xs = np.nonzero(object_mask(obj, config))
     if len(xs) == 0:
         raise ValueError(f"{obj.source.name} at ({obj.x}, {obj.y}) covers no pixel of the {config.size}-pixel frame")
-    points = []
-    for d in (0.0, -obj.radius / 3, obj.radius / 3):
-        k = int(np.argmin((xs - obj.x - d) ** 2 + (ys - obj.y) ** 2))
-        points.append(
-            (int(pixel_index(xs[k], config.size, COORD_SIZE)), int(pixel_index(ys[k], config.size, COORD_SIZE)))
-        )
-    return tuple(points)
+    nearest = [int(np.argmin((xs - obj.x - d) ** 2 + (ys - obj.y) ** 2)) for d in (0, -obj.radius / 3, obj.radius / 3)]
+    to_coord = lambda v: int(pixel_index(v, config.size, COORD_SIZE))  # noqa: E731
+    return tuple((to_coord(xs[k]), to_coord(ys[k])) for k in nearest)
 
 
 def describe(source: Source) -> str:

@@ -222,3 +222,36 @@ def test_avvp_test_references_come_from_the_llp_files(tmp_path, root):
     (out / "avvp" / "AVVP_eval_visual.csv").write_text(f"{first}\tDog\t0\t4\n")  # no header
     with pytest.raises(ValueError, match="header"):
         AVUIEDataset(out, ["avvp"], split="test", frame_size=32)
+
+
+@pytest.mark.parametrize(
+    ("subset", "split", "field"),
+    [("ms3", "train", "frame_idx"), ("ms3", "test", "frame_idx"), ("s4", "test", "frame_idx"),
+     ("ref_avs", "train", "idx"), ("ref_avs", "test", "idx")],
+)  # fmt: skip
+def test_a_missing_frame_index_is_a_bad_record_never_part_0(tmp_path, root, subset, split, field):
+    # The authors' loader reads sample['frame_idx'] (ms3; s4 and ref_avs test) and sample['idx'] (ref_avs train):
+    # a record without it raises KeyError there. Only s4 training ignores it (always part 0), checked below.
+    out = tmp_path / "avuie"
+    shutil.copytree(root / subset, out / subset)
+    path = out / subset / f"{split}.json"
+    records = json.loads(path.read_text())
+    for key in ("frame_idx", "idx"):
+        records[0].pop(key, None)
+    records[1][next(k for k in ("frame_idx", "idx") if k in records[1])] = 99  # past the last audio part
+    path.write_text(json.dumps(records))
+    ds = AVUIEDataset(out, [subset], split=split, frame_size=32, check_media="exists")
+    assert len(ds) == len(records) - 2 and [p.index for p in ds.report.problems] == [0, 1]
+    assert f"'{field}'" in ds.report.problems[0].reason and "99" in ds.report.problems[1].reason
+
+
+def test_s4_training_needs_no_frame_index(tmp_path, root):
+    out = tmp_path / "avuie"
+    shutil.copytree(root / "s4", out / "s4")
+    records = json.loads((out / "s4" / "train.json").read_text())
+    for record in records:
+        record.pop("frame_idx")
+    (out / "s4" / "train.json").write_text(json.dumps(records))
+    ds = AVUIEDataset(out, ["s4"], frame_size=32, check_media="exists")
+    assert len(ds) == len(records) and ds.report.skipped == 0
+    assert all(sample.meta["frame_index"] == 0 for sample in ds)

@@ -131,8 +131,9 @@ def _crab_name(ours: str) -> str:
     return f"base_model.model.model.{part}_projector.{name}"
 
 
-def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
-    model, _ = build_model(ModelConfig(paradigm="modular", r=R, lora_alpha=ALPHA, lora_dropout=0.0))
+def _crab_v1_state(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A Crab v1 finetune file for the modular ``model`` (its LLaMA LoRA and both projectors, in Crab's names), and
+    the projector tensors by our parameter path."""
     base = model.base_model.model
     g = torch.Generator().manual_seed(1)
     sd = {}
@@ -146,6 +147,17 @@ def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
         for name, p in getattr(base, module).original_module.named_parameters():
             projector[f"{module}.{name}"] = torch.randn(p.shape, generator=g)
     sd.update({_crab_name(k): v for k, v in projector.items()})
+    return sd, projector
+
+
+def _modular():
+    return build_model(ModelConfig(paradigm="modular", r=R, lora_alpha=ALPHA, lora_dropout=0.0))[0]
+
+
+def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
+    model = _modular()
+    base = model.base_model.model
+    sd, projector = _crab_v1_state(model)
     qf = "base_model.model.model.vl_projector.visual_Qformer"
     unused = {f"{qf}.bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(3),
               f"{qf}.bert.embeddings.word_embeddings.weight": torch.zeros(3),
@@ -155,8 +167,11 @@ def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
     sd.update(unused)
     sd[beats_ln] = torch.zeros(768)  # BEATs' width; our audio encoder is Whisper
     torch.save(sd, tmp_path / "finetune_weights.bin")
-    report = load_authors_checkpoint(model, str(tmp_path / "finetune_weights.bin"))
+    with pytest.raises(ValueError, match=r"audio_projector\.feature_norm\.weight.*allow_partial_projectors"):
+        load_authors_checkpoint(model, str(tmp_path / "finetune_weights.bin"))
+    report = load_authors_checkpoint(model, str(tmp_path / "finetune_weights.bin"), allow_partial_projectors=True)
     assert set(report.left_out) == {*unused, beats_ln} and "shape (768,)" in report.left_out[beats_ln]
+    assert report.projectors_not_loaded == ["audio_projector.feature_norm.weight"]
     assert "mask decoder" in report.left_out["base_model.model.model.seg_module.mask_decoder.iou_token.weight"]
     assert len(report.projector_tensors) == len(projector) - 1
     for ours, want in projector.items():
@@ -167,3 +182,21 @@ def test_crab_v1_projectors_load_where_they_fit_and_the_rest_is_named(tmp_path):
         for copy in (wrapper.original_module, wrapper.modules_to_save["default"]):
             assert torch.equal(dict(copy.named_parameters())[name], want), ours
     assert report.lora_tensors == 3 * len(_ilora_modules(model, "default"))
+
+
+@pytest.mark.parametrize("drop", ["al_projector.", "vl_projector.visual_proj.2.", "al_projector.audio_query_tokens"])
+def test_a_crab_v1_file_missing_part_of_a_projector_is_refused_naming_it(tmp_path, drop):
+    # A file with vl_projector.* but no al_projector.* used to load, the audio projector left at its random init and
+    # never mentioned. A file with some projector tensors must cover every projector parameter of the model.
+    model = _modular()
+    sd, projector = _crab_v1_state(model)
+    gone = [ours for ours in projector if drop in _crab_name(ours)]
+    sd = {k: v for k, v in sd.items() if drop not in k}
+    torch.save(sd, tmp_path / "w.bin")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(gone[0])) as info:
+        load_authors_checkpoint(model, str(tmp_path / "w.bin"))
+    assert f"{len(gone)} projector parameter" in str(info.value) and "allow_partial_projectors" in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before changing anything
+    report = load_authors_checkpoint(model, str(tmp_path / "w.bin"), allow_partial_projectors=True)
+    assert report.projectors_not_loaded == gone and len(report.projector_tensors) == len(projector) - len(gone)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from crabplus import metrics
 from crabplus.interface import Prediction as P
+from crabplus.interface import parse
 from crabplus.metrics import box_iou, mask_f, mask_j, s_metric, score, temporal_iou
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -137,6 +138,21 @@ def test_segmentation_reports_the_authors_mean_and_all_samples():
     assert out["mask_j_all"] == 0.25 and out["mask_f_all"] == 0.25  # every sample, excluded ones as empty masks
 
 
+def test_spaces_inside_coordinates_leave_the_answer_out_of_the_authors_mean_only():
+    # inference_3.py's grammar r"\[(\d+),(\d+)(?:,(\d+),(\d+))?\]" has no spaces: "[0, 0, 3, 1] [1, 1]" fails
+    # extract_coordinates there, so it is excluded from their J and F; our tolerant parse still prompts SAM2 with it
+    # for the all-samples mean.
+    gt = _masks(2)
+    ref = P(label="dog", box=(0, 0, 3, 1))
+    texts = ["dog [0,0,3,1] [1,1]", "dog [0, 0, 3, 1] [1, 1]", "dog [0,0,3,1] [1, 1]"]  # the last: a box alone
+    half = _masks(1)
+    out = score("s4", texts, [ref] * 3, pred_masks=[gt, half, half], gt_masks=[gt] * 3)
+    assert out["mask_excluded"] == 2.0 and out["mask_j"] == 1.0
+    assert out["mask_j_all"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    with pytest.raises(ValueError, match="answer texts"):  # parsed answers have lost the spacing their grammar reads
+        score("s4", [parse("s4", t) for t in texts], [ref] * 3, pred_masks=[gt] * 3, gt_masks=[gt] * 3)
+
+
 def test_s_metric_and_ref_avs_scores_per_split():
     half = _masks(2)
     assert s_metric(half) == 1.0
@@ -225,3 +241,16 @@ def test_label_scores_alike_when_the_box_is_unreadable_in_s4_and_arig():
     assert s4["parse_error_rate"] == arig["parse_error_rate"] == 1.0
     assert s4["label_accuracy"] == arig["label_accuracy"] == 1.0
     assert s4["box_iou"] == arig["box_iou"] == 0.0
+
+
+def test_an_unparsable_avvp_answer_scores_1_where_the_reference_has_no_class():
+    # avvp_eval_metrics.py segment_level / event_level: a modality with no active class in prediction and reference
+    # scores 1.0 ("all true negatives"), so garbage scores 1.0 there; on the real LLP test split 174 of 1200 videos
+    # have no audio-visual event (and all-garbage answers score avvp_segment_av 0.145).
+    ref = P(visual_events=(("Dog", 0, 4),))  # no audio event, so no audio-visual one either
+    for garbage in ("garbage", "<audio> nonsense </audio>"):
+        out = score("avvp", [garbage], [ref])
+        assert out["parse_error_rate"] == 1.0
+        for level in ("segment", "event"):
+            assert out[f"avvp_{level}_audio"] == 1.0 and out[f"avvp_{level}_av"] == 1.0
+            assert out[f"avvp_{level}_visual"] == 0.0 and out[f"avvp_{level}_event"] == 0.0

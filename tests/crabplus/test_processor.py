@@ -18,7 +18,9 @@ from crabplus.processor import (
 from crabplus.sample import Sample
 from crabplus.tasks import get_task
 from crabplus.tokenizer import SPECIAL
+from PIL import Image
 from transformers import WhisperFeatureExtractor
+from transformers.models.clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 
@@ -143,6 +145,23 @@ def test_modular_processor(tiny_modular, samples):
     np.testing.assert_allclose(resized["pixel_values"][0].numpy(), want[:32, :32].transpose(2, 0, 1), atol=1e-6)
     batch = proc.collate([proc(s) for s in samples])
     assert batch["frames_per_visual"].tolist() == [4, 3, 1] and batch["pixel_values"].shape[0] == 8
+
+
+def test_modular_frames_follow_crabs_squash_then_clip_processor(tiny_modular):
+    # Crab (GeWu-Lab/Crab dataset/pretrain_dataset.py, unified_dataset.py) squashes every frame to a square first
+    # (decord VideoReader(height=224, width=224); images Image.resize((224, 224))), then runs CLIPImageProcessor,
+    # whose shortest-side resize and centre crop leave a square of its own size unchanged. So a non-square frame
+    # is squashed, never centre-cropped; ours does the same in one step.
+    model, tok = tiny_modular
+    c = model.config
+    frame = np.random.default_rng(3).integers(0, 256, (40, 72, 3), dtype=np.uint8)
+    square = Image.fromarray(frame).resize((c.image_size, c.image_size))  # PIL's default resample, bicubic
+    clip = CLIPImageProcessorPil(size={"shortest_edge": c.image_size}, crop_size=c.image_size)
+    want = clip(images=[np.asarray(square)], return_tensors="np")["pixel_values"][0]
+    got = ModularProcessor(tok, c)(Sample("ks", "What?", "", frame[None]))["pixel_values"][0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    cropped = clip(images=[frame], return_tensors="np")["pixel_values"][0]  # what a crop would give instead
+    assert np.abs(got - cropped).max() > 0.1
 
 
 # --- the authors' user turn (issue 15 items 1-3) -------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 from crabplus.data import scene
 from crabplus.interface import Prediction, format_target, parse
-from crabplus.segment import Sam2Segmenter, SamPrompt, prompt_mask, sam2_prompt
+from crabplus.segment import Sam2Segmenter, SamPrompt, authors_prompt, mask_prompt, prompt_mask, sam2_prompt
 from crabplus.tasks import COORD_SIZE, rescale_index
 
 
@@ -79,7 +79,10 @@ def test_loads_from_a_local_directory(seg, tmp_path):
 # r"\[(\d+),(\d+)(?:,(\d+),(\d+))?\]", the first box and every point; box + points -> the last <= 3 points; no box
 # and >= 3 points -> the last 3; anything else ("insufficient_coordinates", a box alone included) is invalid;
 # validate_coordinates wants 0 <= x1 < x2 < 224, 0 <= y1 < y2 < 224 and points in [0, 224).
-# inference_ref_3.py (Ref-AVS): "false" -> an empty mask, a box alone or any points suffice, the same ranges.
+# inference_ref_3.py (Ref-AVS): extract_coordinates reads the text before the first "</s>" and needs the literal
+# "<answer>true</answer>" (and no "<answer>false</answer>") there; when it fails, "<answer>false</answer>" anywhere in
+# the answer is an empty mask, anything else invalid; a box alone or any points suffice, the same ranges.
+# Their grammar has no spaces: "[35, 101, 90, 156]" is no coordinate for them (our tolerant parse reads it).
 PROMPTS = [
     ("s4", "[1,2,30,40] [5,6] [7,8] [9,10] [11,12]", SamPrompt((1, 2, 30, 40), ((7, 8), (9, 10), (11, 12)))),
     ("s4", "[1,2,30,40] [5,6]", SamPrompt((1, 2, 30, 40), ((5, 6),))),
@@ -92,23 +95,48 @@ PROMPTS = [
     ("s4", "[30,2,30,40] [5,6]", "x1 < x2"),  # x1 < x2 strictly (refused by the parser or the range check alike)
     ("s4", "[1,2,30,40] [5,224]", "outside"),
     ("s4", "[1,2,30,40] [9999,6] [5,6] [5,6] [5,6]", SamPrompt((1, 2, 30, 40), ((5, 6),) * 3)),  # dropped: unchecked
-    ("s4", "[1" + "9" * 400 + ",2,3,4] [5,6]", "x1 < x2"),
-    ("s4", "no coordinates", "unparsable"),
+    ("s4", "[1" + "9" * 400 + ",2,3,4] [5,6]", "outside"),
+    ("s4", "no coordinates", "grammar"),
+    ("s4", "[35, 101, 90, 156] [62, 130] [52, 130] [71, 130]", "grammar"),  # spaces: no match for them
+    ("s4", "[35,101,90,156] [62, 130] [52,130]", SamPrompt((35, 101, 90, 156), ((52, 130),))),
+    ("s4", "[35,101,90,156] [62,130]</s> [52,130] [71,130]", SamPrompt((35, 101, 90, 156), ((62, 130),))),
     ("ref_avs", "<answer>false</answer> absent [1,2,3,4]", SamPrompt()),
     ("ref_avs", "<answer>true</answer> [1,2,30,40]", SamPrompt((1, 2, 30, 40))),
     ("ref_avs", "<answer>true</answer> [5,6]", SamPrompt(None, ((5, 6),))),
-    ("ref_avs", "<answer>true</answer> nothing", "unparsable"),
-    ("ref_avs", "[1,2,30,40] [5,6]", "unparsable"),  # neither true nor false
+    (
+        "ref_avs",
+        "<answer>true</answer> [1,2,30,40] [3,4] [5,6] [7,8] [9,10]",
+        SamPrompt((1, 2, 30, 40), ((5, 6), (7, 8), (9, 10))),
+    ),
+    ("ref_avs", "<answer>true</answer> nothing", "grammar"),
+    ("ref_avs", "<answer>true</answer> [1, 2, 30, 40]", "grammar"),
+    ("ref_avs", "<answer>True</answer> [1,2,30,40]", "<answer>true</answer>"),  # their test is case-sensitive
+    ("ref_avs", "<answer> true </answer> [1,2,30,40]", "<answer>true</answer>"),
+    ("ref_avs", "<answer>true</answer></s><answer>false</answer>", SamPrompt()),  # "false" anywhere, on failure
+    ("ref_avs", "[1,2,30,40] [5,6]", "<answer>true</answer>"),  # neither true nor false
 ]
 
 
 @pytest.mark.parametrize(("subset", "text", "want"), PROMPTS)
 def test_sam2_prompts_follow_the_authors_rules(subset, text, want):
-    got = sam2_prompt(subset, parse(subset, text))
+    got = authors_prompt(subset, text)
     if isinstance(want, str):
         assert got.invalid is not None and want in got.invalid
     else:
         assert got == want
+
+
+def test_the_mask_prompt_is_the_authors_where_their_grammar_reads_the_answer_else_ours():
+    spaced = "The object is dog. Its bounding box is [35, 101, 90, 156], and points on it are [62, 130], [52, 130]."
+    assert authors_prompt("s4", spaced).invalid is not None  # left out of the authors' mean
+    assert (
+        mask_prompt("s4", spaced)
+        == sam2_prompt("s4", parse("s4", spaced))
+        == SamPrompt((35, 101, 90, 156), ((62, 130), (52, 130)))
+    )  # the all-samples mean still prompts SAM2 from our tolerant parse
+    mixed = "[35,101,90,156] [1, 1] [62,130]"  # theirs: the box and [62,130]; ours would also take [1, 1]
+    assert mask_prompt("s4", mixed) == authors_prompt("s4", mixed) == SamPrompt((35, 101, 90, 156), ((62, 130),))
+    assert mask_prompt("s4", "nothing").invalid is not None
 
 
 def test_a_perfect_answer_maps_back_exactly(seg, monkeypatch):
@@ -123,7 +151,7 @@ def test_a_perfect_answer_maps_back_exactly(seg, monkeypatch):
     ys, xs = np.nonzero(mask[np.ix_(src, src)])
     assert box == (xs.min(), ys.min(), xs.max(), ys.max())
     text = format_target("s4", Prediction(label="dog", box=box, points=((100, 100),)))
-    prompt = sam2_prompt("s4", parse("s4", text))
+    prompt = authors_prompt("s4", text)
     back = np.floor(rescale_index(np.asarray(prompt.box), COORD_SIZE, size) + 0.5).astype(int)
     assert back.tolist() == [7, 13, 50, 39]
     assert np.floor(rescale_index(100, COORD_SIZE, size) + 0.5) == 28 and mask[28, 28]

@@ -10,7 +10,9 @@ from crabplus.data.media import read_audio, read_frames, read_image, read_mask
 from crabplus.data.scene import SOURCES
 from crabplus.data.synth import TEST_ONLY_HERE, generate, main
 from crabplus.interface import parse
-from crabplus.tasks import COORD_SIZE, NUM_SEGMENTS, SUBSETS, TASKS
+from crabplus.tasks import COORD_SIZE, NUM_SEGMENTS, SUBSETS, TASKS, pixel_index, rescale_index
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 BY_NAME = {s.name: s for s in SOURCES}
 
@@ -118,7 +120,7 @@ def test_ms3_sounding_object_is_the_one_heard_at_the_frame(root):
         assert _has_colour(image[mask], BY_NAME[rec["a_obj"]].colour)
         assert parse(subset, rec["label_content"]).box == scene.box_of(mask)
         for x, y in parse(subset, rec["label_content"]).points:
-            assert mask[y * mask.shape[0] // COORD_SIZE, x * mask.shape[1] // COORD_SIZE]
+            assert mask[pixel_index(y, COORD_SIZE, mask.shape[0]), pixel_index(x, COORD_SIZE, mask.shape[1])]
 
 
 def test_ref_avs_null_split_has_no_object(root):
@@ -148,3 +150,38 @@ def test_cli(tmp_path, capsys):
         generate(tmp_path, train=-1)
     with pytest.raises(ValueError, match="even"):
         scene.SynthConfig(size=33)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(8, COORD_SIZE // 2).map(lambda k: 2 * k),  # the generator's even sizes up to COORD_SIZE
+    edges=st.lists(st.floats(0, 1), min_size=4, max_size=4),
+)
+def test_a_perfect_synthetic_box_maps_back_exactly(size, edges):
+    # The answer's box, parsed and mapped back to the frame through pixel centres (as segment.prompt_mask does), is
+    # the mask's own inclusive pixel box at every frame size (size 100 was one pixel off: int(a * 2.24) for x1).
+    x1, y1 = (round(e * (size - 2)) for e in edges[:2])  # at least two pixels wide and high: x1 < x2 in the answer
+    x2, y2 = (a + 1 + round(e * (size - 2 - a)) for a, e in zip((x1, y1), edges[2:], strict=True))
+    mask = np.zeros((size, size), bool)
+    mask[y1 : y2 + 1, x1 : x2 + 1] = True
+    box = scene.box_of(mask)
+    answer = parse("s4", f"The object is dog. Its bounding box is [{','.join(map(str, box))}], and points on it are "
+                         "[1,1], [2,2], [3,3].")  # fmt: skip
+    back = np.floor(rescale_index(np.asarray(answer.box, np.float64), COORD_SIZE, size) + 0.5).astype(int)
+    assert back.tolist() == [x1, y1, x2, y2]
+    assert back.tolist() == pixel_index(np.asarray(answer.box), COORD_SIZE, size).tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(8, COORD_SIZE // 2).map(lambda k: 2 * k), seed=st.integers(0, 2**16))
+def test_synthetic_objects_box_and_points_map_back_onto_the_object(size, seed):
+    rng = np.random.default_rng(seed)
+    config = scene.SynthConfig(size=size)
+    r = int(rng.integers(3, size // 4 + 1))
+    obj = scene.Obj(SOURCES[int(rng.integers(len(SOURCES)))], *rng.uniform(r, size - 1 - r, 2), r)
+    mask = scene.object_mask(obj, config)
+    ys, xs = np.nonzero(mask)
+    back = pixel_index(np.asarray(scene.box_of(mask)), COORD_SIZE, size)
+    assert back.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+    for x, y in scene.points_of(obj, config):
+        assert mask[pixel_index(y, COORD_SIZE, size), pixel_index(x, COORD_SIZE, size)]

@@ -61,6 +61,8 @@ def test_segmentation_subsets_take_the_labelled_part(subset, parts):
         np.testing.assert_array_equal(task_audio(audio, subset, part=part, sample_rate=SR), want)
     with pytest.raises(ValueError, match="outside"):
         task_audio(audio, subset, part=parts, sample_rate=SR)
+    with pytest.raises(ValueError, match="frame index"):  # no part given is an error, never part 0
+        task_audio(audio, subset, sample_rate=SR)
 
 
 def test_every_subset_has_a_rule():

@@ -12,6 +12,7 @@ where it came from (the YAML file, or the ``--set`` that gave it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -98,6 +99,40 @@ class EvalConfig:
     meteor: bool = False
 
 
+#: Numeric fields and their range: (key, bound, strictly above it, null allowed); NaN and infinity are refused.
+_BOUNDS: tuple[tuple[str, float, bool, bool], ...] = (
+    ("train.epochs", 1, False, False),
+    ("train.batch_size", 1, False, False),
+    ("train.grad_accum", 1, False, False),
+    ("train.max_steps", 1, False, True),
+    ("train.lr", 0, True, False),
+    ("train.weight_decay", 0, False, False),
+    ("train.max_grad_norm", 0, True, True),  # <= 0 would flip gradient signs in clip_grad_norm_
+    ("train.save_every", 0, False, False),
+    ("train.threads", 1, False, True),
+    ("eval.batch_size", 1, False, False),
+    ("eval.max_new_tokens", 1, False, False),
+    ("eval.max_samples", 1, False, True),
+    ("data.num_workers", 0, False, False),
+    ("data.frame_size", 1, False, True),
+)
+_NULL_MEANS = {
+    "train.max_grad_norm": "no clipping",
+    "train.max_steps": "use epochs",
+    "train.threads": "torch's default",
+}
+
+
+def _check_bound(key: str, value: float | None, low: float, strict: bool, nullable: bool) -> None:
+    """Refuse ``value`` outside its range with a ``ValueError`` naming ``key``."""
+    if value is None and nullable:
+        return
+    if value is not None and math.isfinite(value) and (value > low if strict else value >= low):
+        return
+    null = f" or null ({_NULL_MEANS[key]})" if nullable and key in _NULL_MEANS else " or null" if nullable else ""
+    raise ValueError(f"{key}: must be {'>' if strict else '>='} {low}{null}, got {value!r}")
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,19 +142,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         t = self.train
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(t, name) < 1:
-                raise ValueError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-        if t.max_steps is not None and t.max_steps < 1:
-            raise ValueError(f"train.max_steps: must be >= 1 or null, got {t.max_steps}")
+        for key, low, strict, nullable in _BOUNDS:
+            section, name = key.split(".")
+            _check_bound(key, getattr(getattr(self, section), name), low, strict, nullable)
         if not 0 <= t.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-        if t.lr <= 0:
-            raise ValueError(f"train.lr: must be positive, got {t.lr}")
         if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
             raise ValueError(f"train.device: must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
-        if t.threads is not None and t.threads < 1:
-            raise ValueError(f"train.threads: must be >= 1 or null, got {t.threads}")
         for section in ("data", "eval"):
             for name in getattr(self, section).subsets or ():
                 try:

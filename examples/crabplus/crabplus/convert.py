@@ -17,7 +17,11 @@ Crab (v1) files also hold its projectors (``--save_modules vl_projector,al_proje
 modular model's ``vision_projector`` / ``audio_projector`` (``crabplus.models.modular``) where a tensor fits; the
 Q-Former's text embeddings, text feed-forward and LM head (unused with queries only), a tensor whose shape differs
 (``audio_ln`` is BEATs-wide, our audio encoder is Whisper) and the mask decoder (``seg_module``) are left out and
-reported by name in the returned ``ConversionReport`` (and logged).
+reported by name in the returned ``ConversionReport`` (and logged). Projector coverage is checked as strictly as LoRA
+coverage: a file holding any projector tensor must fill every parameter of the modular model's projectors, or the
+load is refused naming the parameters it would leave at their current (e.g. random) values; pass
+``allow_partial_projectors=True`` to load anyway, with those parameters listed in ``projectors_not_loaded`` and
+logged. A file with no projector tensor (LoRA only) leaves the projectors as they are, and says so in the log.
 
 Nothing is skipped silently: a missing file, a key that cannot be placed, an incomplete module, a shape that does not
 match the target, or an adapted module the checkpoint does not cover is an error naming it (the authors' own loader
@@ -31,6 +35,7 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +57,8 @@ class ConversionReport:
     lora_tensors: int = 0
     projector_tensors: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
+    projectors_not_loaded: list[str] = field(default_factory=list)
+    """The modular model's projector parameters (``vision_projector.<...>``) the file did not fill."""
 
 
 def load_authors_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -197,28 +204,79 @@ def _projector_targets(model: nn.Module, path: str) -> list[torch.Tensor] | str:
     return [p for p in found if p is not None] or f"the modular model has no parameter {path}"
 
 
-def load_projectors(model: nn.Module, state: dict[str, torch.Tensor], report: ConversionReport) -> None:
-    """Copy Crab's projector tensors into the modular model where they fit; record the rest in ``report``."""
+def model_projector_parameters(model: nn.Module) -> list[str]:
+    """The paths (``vision_projector.<name>``, ``audio_projector.<name>``) of the model's projector parameters; empty
+    for a model without projectors (the Omni paradigm)."""
+    base = model.base_model.model if hasattr(model, "base_model") else model
+    paths = []
+    for ours, _ in _OURS.values():
+        module = getattr(base, ours, None)
+        module = getattr(module, "original_module", module)
+        if module is not None:
+            paths += [f"{ours}.{name}" for name, _ in module.named_parameters()]
+    return paths
+
+
+def plan_projectors(
+    model: nn.Module, state: dict[str, torch.Tensor], report: ConversionReport
+) -> dict[str, tuple[str, torch.Tensor, list[torch.Tensor]]]:
+    """``{our path: (checkpoint key, tensor, live copies)}`` for Crab's projector tensors that fit the modular model;
+    the rest go to ``report.left_out`` with the reason. Changes nothing in the model."""
+    plan: dict[str, tuple[str, torch.Tensor, list[torch.Tensor]]] = {}
     for key, tensor in state.items():
         path, why = projector_path(key)
         targets = _projector_targets(model, path) if path else why
         if isinstance(targets, str):
             report.left_out[key] = targets
-            continue
-        if tensor.shape != targets[0].shape:
+        elif tensor.shape != targets[0].shape:
             report.left_out[key] = f"shape {tuple(tensor.shape)} does not fit {path} {tuple(targets[0].shape)}"
-            continue
-        with torch.no_grad():
-            for target in targets:
-                target.copy_(tensor.to(target.dtype))
-        report.projector_tensors.append(key)
+        elif path in plan:
+            raise ValueError(f"checkpoint keys {plan[path][0]!r} and {key!r} both map onto {path!r}")
+        else:
+            plan[path] = (key, tensor, targets)
+    return plan
+
+
+def _check_projector_coverage(
+    model: nn.Module,
+    plan: dict[str, Any],
+    projectors: dict[str, torch.Tensor],
+    report: ConversionReport,
+    allow_partial: bool,
+) -> None:
+    """Refuse (unless ``allow_partial``) a file with projector tensors that leaves some projector parameter unfilled;
+    record and log what stays unfilled."""
+    report.projectors_not_loaded = [p for p in model_projector_parameters(model) if p not in plan]
+    missing = report.projectors_not_loaded
+    if not missing:
+        return
+    if not projectors:
+        log.warning(
+            "no projector tensor in the checkpoint: the %d projector parameters keep their values", len(missing)
+        )
+        return
+    names = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+    what = (
+        f"the checkpoint holds Crab projector tensors but leaves {len(missing)} projector parameter(s) of the model "
+        f"unfilled ({names}; Crab names them {{vl,al}}_projector.*, or their tensors did not fit: see left_out)"
+    )
+    if not allow_partial:
+        raise ValueError(f"{what}; pass allow_partial_projectors=True to load the rest and keep these as they are")
+    log.warning("%s; kept as they are (allow_partial_projectors=True)", what)
 
 
 def load_authors_checkpoint(
-    peft_model: nn.Module, path: str, adapter: str = "default", strict: bool = True
+    peft_model: nn.Module,
+    path: str,
+    adapter: str = "default",
+    strict: bool = True,
+    allow_partial_projectors: bool = False,
 ) -> ConversionReport:
     """Convert the authors' file at ``path`` and load it into ``peft_model``: the I-LoRA tensors (every one placed,
-    or an error), Crab's projectors where they fit; the report names what was left out (also logged)."""
+    or an error), Crab's projectors where they fit; the report names what was left out (also logged).
+
+    A file with projector tensors must fill every projector parameter of the model, else ``ValueError`` naming the
+    unfilled ones (before anything is loaded) unless ``allow_partial_projectors``."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     state = load_authors_state_dict(path)
@@ -229,7 +287,13 @@ def load_authors_checkpoint(
             report.left_out[key] = f"Crab's {found['module']} (the modular model has no mask decoder)"
     lora = {k: v for k, v in state.items() if k not in projectors and k not in report.left_out}
     converted = convert_authors_state_dict(lora, peft_model, adapter, strict)
-    load_projectors(peft_model, projectors, report)
+    plan = plan_projectors(peft_model, projectors, report)
+    _check_projector_coverage(peft_model, plan, projectors, report, allow_partial_projectors)
+    with torch.no_grad():
+        for key, tensor, targets in plan.values():
+            for target in targets:
+                target.copy_(tensor.to(target.dtype))
+            report.projector_tensors.append(key)
     # PEFT loads an adapter's whole saved state (modules_to_save copies included): the current one, plus the LoRA.
     full = {**get_peft_model_state_dict(peft_model, adapter_name=adapter), **converted}
     result = set_peft_model_state_dict(peft_model, full, adapter_name=adapter)

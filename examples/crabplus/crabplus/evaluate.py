@@ -42,7 +42,7 @@ from crabplus.interface import Prediction
 from crabplus.metrics import normalize, score
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
-from crabplus.segment import prompt_mask, sam2_prompt
+from crabplus.segment import mask_prompt, prompt_mask
 from crabplus.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,12 @@ def _segmenter(spec: str | None):
     return Sam2Segmenter.tiny() if spec == "tiny" else Sam2Segmenter.from_pretrained(spec)
 
 
-def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Prediction]):
-    """SAM2 masks from the predicted box and points (empty where the authors' rules exclude the answer, see
-    ``crabplus.segment.sam2_prompt``), and the ground-truth masks; ``None`` (with why) when one is missing."""
+def predicted_masks(segmenter, samples: Sequence[Sample], texts: Sequence[str]):
+    """SAM2 masks from the answers' box and points (``crabplus.segment.mask_prompt``: the authors' reading where their
+    grammar reads the answer, else ours; empty where neither does), and the ground-truth masks; ``None`` (with why)
+    when one is missing."""
     pred_masks, gt_masks = [], []
-    for sample, pred in zip(samples, preds):
+    for sample, text in zip(samples, texts):
         frame = sample.frames[0]
         h, w = frame.shape[:2]
         ref = sample.meta["reference"]
@@ -175,7 +176,7 @@ def predicted_masks(segmenter, samples: Sequence[Sample], preds: Sequence[Predic
             gt = np.zeros((h, w), bool)
         else:
             return None, None, f"no ground-truth mask for {sample.meta.get('file')} record {sample.meta.get('index')}"
-        pred_masks.append(prompt_mask(segmenter, frame, sam2_prompt(sample.subset, pred)))
+        pred_masks.append(prompt_mask(segmenter, frame, mask_prompt(sample.subset, text)))
         gt_masks.append(gt)
     return pred_masks, gt_masks, ""
 
@@ -255,14 +256,14 @@ def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> None:
 def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], results: list, segmenter) -> tuple[dict, str]:
     """The subset's scores (with baselines) and its table note."""
     spec = get_task(subset)
-    preds, refs = [p for _, p in results], [s.meta["reference"] for s in group]
+    texts, refs = [t for t, _ in results], [s.meta["reference"] for s in group]
     masks: dict = {}
     note = ""
     if any(m in spec.metrics for m in MASK_METRICS):
         if segmenter is None:
             note = "masks skipped: no SAM2 configured (eval.sam2); boxes scored"
         else:
-            pred_masks, gt_masks, why = predicted_masks(segmenter, group, preds)
+            pred_masks, gt_masks, why = predicted_masks(segmenter, group, texts)
             if pred_masks is None:
                 note = f"masks skipped: {why}"
             else:
@@ -270,7 +271,7 @@ def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], results: lis
                 if cfg.eval.sam2 == "tiny":
                     note = "masks from a random tiny SAM2 (plumbing check, not a score)"
     splits = [(s.meta.get("ids") or {}).get("split") for s in group]  # Ref-AVS: test_s / test_u / test_n
-    scores = score(subset, preds, refs, meteor=cfg.eval.meteor, splits=splits, **masks) | baselines(subset, refs)
+    scores = score(subset, texts, refs, meteor=cfg.eval.meteor, splits=splits, **masks) | baselines(subset, refs)
     if "cider" in scores and (why := caption_note(refs)):
         scores["cider"], note = float("nan"), why
     return scores, note

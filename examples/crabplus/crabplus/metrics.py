@@ -25,7 +25,11 @@ What is implemented (each averaged over samples unless said otherwise):
   ``gt_masks`` and come twice (``mask_scores``): over the answers the authors keep (valid SAM2 prompts) and over all
   samples (``_all``), with the count excluded; Ref-AVS per split (J, F on ``test_s``/``test_u``, S on ``test_n``).
 
-A prediction that does not parse scores as wrong (0, or an empty answer); nothing here raises on model output.
+A prediction that does not parse is read as the empty answer (no label, choice, event, box or mask): it scores 0
+wherever the reference holds something to find, and as right where the reference is empty too. So, as in the
+authors' ``avvp_eval_metrics.py``, an unparsable AVVP answer scores 1.0 on a modality (or the audio-visual overlap)
+with no active class in reference; and in the all-samples mask means an empty mask of an empty reference has J = F = 1.
+``parse_error_rate`` counts the unparsable. Nothing here raises on model output.
 """
 
 from __future__ import annotations
@@ -291,7 +295,7 @@ def score(
                 out.update(caption_scores(preds, refs, meteor=meteor))
         elif metric in ("mask_j", "mask_f", "s_metric"):
             if pred_masks is not None and gt_masks is not None and not any(k.startswith("mask_excluded") for k in out):
-                out.update(mask_scores(subset, preds, refs, pred_masks, gt_masks, splits))
+                out.update(mask_scores(subset, predictions, refs, pred_masks, gt_masks, splits))
         else:
             raise AssertionError(f"registry names unknown metric {metric!r}")
     return out
@@ -308,7 +312,7 @@ _SIMPLE = {
 
 def mask_scores(
     subset: str,
-    preds: Sequence[Prediction],
+    texts: Sequence[PredictionLike],
     refs: Sequence[Prediction],
     pred_masks: Sequence[np.ndarray],
     gt_masks: Sequence[np.ndarray],
@@ -317,21 +321,25 @@ def mask_scores(
     """Mask J / F (and S on Ref-AVS's null split), by the authors' protocol and over all samples.
 
     Follows ``seg/scripts/inference_3.py`` and ``inference_ref_3.py`` (GeWu-Lab/Crab_Plus): ``mask_j``/``mask_f``
-    average the answers that prompt SAM2 validly (``crabplus.segment.sam2_prompt``; a Ref-AVS "false" is valid, an
-    empty mask), ``mask_j_all``/``mask_f_all`` every sample (an excluded answer's mask is the empty one it was given),
-    ``mask_excluded`` counts the excluded. Ref-AVS is scored per split, the suffix naming it: J and F on ``test_s``
-    (seen) and ``test_u`` (unseen), S on ``test_n`` (null), ``s_metric_test_n_infinite`` counting the full-frame
-    masks whose infinite S is dropped from the mean, as theirs. Without ``splits`` a Ref-AVS sample whose reference
-    is absent counts as null, the others as one unnamed split.
+    average the answers whose raw text prompts SAM2 validly in the authors' exact grammar
+    (``crabplus.segment.authors_prompt``; a Ref-AVS "false" is valid, an empty mask), ``mask_j_all``/``mask_f_all``
+    every sample (with the mask it was given: ``crabplus.segment.mask_prompt``, empty when no parse reads it),
+    ``mask_excluded`` counts the excluded. ``texts`` are the model's answers; a parsed ``Prediction`` has lost the
+    spacing their grammar reads, so it raises ``ValueError``. Ref-AVS is scored per split, the suffix naming it: J and F
+    on ``test_s`` (seen) and ``test_u`` (unseen), S on ``test_n`` (null), ``s_metric_test_n_infinite`` counting the
+    full-frame masks whose infinite S is dropped from the mean, as theirs. Without ``splits`` a Ref-AVS sample whose
+    reference is absent counts as null, the others as one unnamed split.
     """
-    from crabplus.segment import sam2_prompt
+    from crabplus.segment import authors_prompt
 
-    if not len(pred_masks) == len(gt_masks) == len(refs) == len(preds):
+    if not len(pred_masks) == len(gt_masks) == len(refs) == len(texts):
         raise ValueError(f"{len(pred_masks)} predicted and {len(gt_masks)} reference masks for {len(refs)} samples")
     if splits is not None and len(splits) != len(refs):
         raise ValueError(f"{len(splits)} splits for {len(refs)} samples")
     ref_kind = get_task(subset).answer_kind == "ref"
-    valid = [sam2_prompt(subset, p).invalid is None for p in preds]
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{subset}: mask metrics need the answer texts (the authors' grammar reads their spacing)")
+    valid = [authors_prompt(subset, t).invalid is None for t in texts]
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, r in enumerate(refs):
         split = (splits[i] if splits is not None else None) or ""

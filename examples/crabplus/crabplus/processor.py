@@ -17,8 +17,10 @@ counts are checked. Videos are timed at ``Sample.meta["fps"]`` frames per second
 - ``OmniProcessor`` (Qwen2.5-Omni thinker): frames resized with Qwen2-VL's ``smart_resize``, normalized with the CLIP
   mean/std and patched as the Qwen2-VL processor does (temporal patch 2, patch 14, merge 2), without torchvision;
   audio through ``WhisperFeatureExtractor`` (128 mel bins).
-- ``ModularProcessor`` (the Crab paradigm): frames -> CLIP/SigLIP ``pixel_values``, audio -> Whisper features over the
-  encoder's fixed window; each frame and each audio takes ``num_queries`` placeholders (the Q-Former's outputs).
+- ``ModularProcessor`` (the Crab paradigm): frames -> CLIP/SigLIP ``pixel_values``, squashed to the encoder's square
+  size (bicubic, no crop: Crab resizes frames to 224 x 224 before ``CLIPImageProcessor``, whose shortest-side resize
+  and centre crop then do nothing), audio -> Whisper features over the encoder's fixed window; each frame and each
+  audio takes ``num_queries`` placeholders (the Q-Former's outputs).
 
 ``processor(sample)`` returns a dict of tensors for one sample; ``processor.collate(items, padding_side=...)`` pads
 them into a batch (``"left"`` for batched generation).

@@ -1,11 +1,16 @@
-"""Stage 2 of Crab+ segmentation: the box ``[x1,y1,x2,y2]`` and points ``[x,y]`` the LLM wrote prompt SAM2 for a mask.
+r"""Stage 2 of Crab+ segmentation: the box ``[x1,y1,x2,y2]`` and points ``[x,y]`` the LLM wrote prompt SAM2 for a mask.
 
-Which answers prompt SAM2, and with what (``sam2_prompt``), follows the authors' ``seg/scripts/inference_3.py`` (s4,
-ms3) and ``inference_ref_3.py`` (Ref-AVS) in GeWu-Lab/Crab_Plus: integer coordinates only (the parser's), the first
-box plus the last at most 3 points; for s4/ms3 a box without points, or fewer than 3 points without a box, is
-invalid; for Ref-AVS ``<answer>false</answer>`` is an empty mask and a box alone suffices; every kept coordinate must
-lie in ``[0, COORD_SIZE)`` with ``x1 < x2``, ``y1 < y2``. Invalid answers are excluded from the authors' mean
-(``crabplus.metrics`` reports both means).
+Which answers prompt SAM2, and with what (``authors_prompt``), follows the authors' ``seg/scripts/inference_3.py``
+(s4, ms3) and ``inference_ref_3.py`` (Ref-AVS) in GeWu-Lab/Crab_Plus on the raw answer text, with their exact
+grammar: the text before the first ``</s>``, coordinates matched by ``\[(\d+),(\d+)(?:,(\d+),(\d+))?\]`` (integers,
+no spaces: ``[35, 101, 90, 156]`` is no coordinate for them), the first box plus the last at most 3 points; for
+s4/ms3 a box without points, or fewer than 3 points without a box, is invalid; for Ref-AVS the literal
+``<answer>true</answer>`` is needed, ``<answer>false</answer>`` (anywhere, when coordinates cannot be read) is an
+empty mask and a box alone suffices; every kept coordinate must lie in ``[0, COORD_SIZE)`` with ``x1 < x2``,
+``y1 < y2``. Answers invalid there are excluded from the authors' mean (``crabplus.metrics`` reports both means).
+``sam2_prompt`` applies the same rules to our tolerant parse (``crabplus.interface``: spaces allowed, answer tags in
+any case); ``mask_prompt`` is the prompt a mask is made from: the authors' where their grammar reads the answer, else
+ours, so the all-samples mean scores answers that only our parse reads.
 
 Coordinates follow the one convention of ``crabplus.tasks`` (inclusive pixel indices, pixel centres at ``i + 0.5``):
 ``COORD_SIZE`` indices map to frame indices and on to SAM2's input indices through pixel centres
@@ -17,6 +22,7 @@ logits (a quarter of ``S``) are upsampled bilinearly straight to the frame size 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Sam2Config, Sam2Model
 
-from crabplus.interface import Box, Point, Prediction
+from crabplus.interface import Box, Point, Prediction, parse
 from crabplus.tasks import COORD_SIZE, get_task, rescale_index
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,8 +163,9 @@ def _out_of_range(box: Box | None, points: Sequence[Point]) -> str | None:
 
 
 def sam2_prompt(subset: str, pred: Prediction) -> SamPrompt:
-    """The SAM2 prompt of a segmentation answer (s4, ms3: ``box_points``; ref_avs: ``ref``), by the authors' rules
-    (see the module docstring). Raises ``ValueError`` for another subset."""
+    """The SAM2 prompt of a parsed segmentation answer (s4, ms3: ``box_points``; ref_avs: ``ref``), by the authors'
+    rules on our tolerant parse (see the module docstring; ``authors_prompt`` reads the text as they do). Raises
+    ``ValueError`` for another subset."""
     kind = get_task(subset).answer_kind
     if kind not in ("box_points", "ref"):
         raise ValueError(f"{subset}: SAM2 prompts are for s4, ms3 and ref_avs answers, not {kind!r}")
@@ -174,6 +181,44 @@ def sam2_prompt(subset: str, pred: Prediction) -> SamPrompt:
             return SamPrompt(invalid=f"{len(points)} point(s) and no box (3 points needed)")
     why = _out_of_range(box, points)
     return SamPrompt(invalid=why) if why else SamPrompt(box, points)
+
+
+#: The authors' coordinate grammar, exactly (``extract_coordinates`` in seg/scripts/inference_3.py, line 39).
+AUTHORS_COORDINATES = re.compile(r"\[(\d+),(\d+)(?:,(\d+),(\d+))?\]")
+_TRUE, _FALSE, _END = "<answer>true</answer>", "<answer>false</answer>", "</s>"
+
+
+def authors_prompt(subset: str, text: str) -> SamPrompt:
+    """The SAM2 prompt the authors' evaluation takes from an answer's raw ``text`` (their ``extract_coordinates``,
+    the main loops' point rules and ``validate_coordinates``; see the module docstring), or why it is invalid there.
+    Raises ``ValueError`` for a subset other than s4, ms3 and ref_avs."""
+    kind = get_task(subset).answer_kind
+    if kind not in ("box_points", "ref"):
+        raise ValueError(f"{subset}: SAM2 prompts are for s4, ms3 and ref_avs answers, not {kind!r}")
+    head = text.split(_END, 1)[0]
+    if kind == "ref" and (_FALSE in head or _TRUE not in head):
+        return SamPrompt() if _FALSE in text else SamPrompt(invalid=f"no literal {_TRUE} (nor {_FALSE})")
+    matches = AUTHORS_COORDINATES.findall(head)
+    if not matches:
+        if kind == "ref" and _FALSE in text:
+            return SamPrompt()
+        return SamPrompt(invalid="no coordinate in the authors' grammar [x,y] / [x1,y1,x2,y2] (integers, no spaces)")
+    boxes = [tuple(int(v) for v in m) for m in matches if m[2]]
+    box, points = (boxes[0] if boxes else None), tuple((int(m[0]), int(m[1])) for m in matches if not m[2])[-3:]
+    if kind == "box_points":
+        if box is not None and not points:
+            return SamPrompt(invalid="a box without points")
+        if box is None and len(points) < 3:
+            return SamPrompt(invalid=f"{len(points)} point(s) and no box (3 points needed)")
+    why = _out_of_range(box, points)
+    return SamPrompt(invalid=why) if why else SamPrompt(box, points)
+
+
+def mask_prompt(subset: str, text: str) -> SamPrompt:
+    """The prompt an answer's mask is made from: ``authors_prompt`` where their grammar reads it, else ours
+    (``sam2_prompt`` of the tolerant parse); invalid only when neither reads it."""
+    theirs = authors_prompt(subset, text)
+    return theirs if theirs.invalid is None else sam2_prompt(subset, parse(subset, text))
 
 
 def prompt_mask(segmenter: Sam2Segmenter, frame: np.ndarray, prompt: SamPrompt) -> np.ndarray:

@@ -8,8 +8,11 @@ Coordinate convention (one for the synthetic generator, the parser, the scorer a
 ``COORD_SIZE`` input image, ``0 <= x, y < COORD_SIZE`` (the authors' ``validate_coordinates`` in
 ``seg/scripts/inference_3.py`` refuses ``x2 >= 224``); a box covers pixels ``x1..x2`` and ``y1..y2``. Pixel ``i`` spans
 ``[i, i + 1)`` with its centre at ``i + 0.5``, as SAM2's prompt encoder reads its input ("shift to center of pixel").
-A coordinate moves between images of different sizes through pixel centres (``rescale_index``); a mask's box is the
-box of the mask resized to ``COORD_SIZE`` with nearest-neighbour sampling, as the authors score masks at 224 x 224.
+A coordinate moves between images of different sizes through pixel centres (``rescale_index``, float indices; for
+whole pixels ``pixel_index``, the pixel holding the centre, exact in integers: ``ceil(a * 224 / n - 0.5)`` is the first
+``COORD_SIZE`` pixel of frame pixel ``a``); a mask's box is the box of the mask resized to ``COORD_SIZE`` with
+nearest-neighbour sampling through pixel centres, as the authors score masks at 224 x 224. For frames of at most
+``COORD_SIZE`` pixels a side, a box or point so made maps back exactly onto the frame pixels it came from.
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ def rescale_index(values: Any, src_size: int, dst_size: int) -> Any:
     if src_size <= 0 or dst_size <= 0:
         raise ValueError(f"image sizes must be positive, got {src_size} -> {dst_size}")
     return (values + 0.5) * (dst_size / src_size) - 0.5
+
+
+def pixel_index(index: Any, src_size: int, dst_size: int) -> Any:
+    """Integer pixel indices (int or integer array) of a ``src_size`` axis -> the ``dst_size`` pixel holding each one's
+    centre: ``floor((2 i + 1) * dst / (2 * src))``, i.e. ``floor(rescale_index(i, src, dst) + 0.5)`` computed exactly
+    in integers (no rounding error at ties). With ``src = COORD_SIZE`` it is the nearest-neighbour resize's source
+    pixel: a ``COORD_SIZE`` answer maps back onto a frame pixel; with ``dst = COORD_SIZE`` it places a frame pixel."""
+    if src_size <= 0 or dst_size <= 0:
+        raise ValueError(f"image sizes must be positive, got {src_size} -> {dst_size}")
+    return (2 * index + 1) * dst_size // (2 * src_size)
 
 
 #: Temporal tasks (AVE, AVVP) describe a clip as this many unit segments ("seconds" in AVE and AVVP).

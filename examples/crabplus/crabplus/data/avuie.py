@@ -5,11 +5,12 @@ subsets (s4, ms3, ref_avs, arig) give paths relative to the subset folder. Each 
 registry's instruction, the record's target text, and its media decoded lazily in ``__getitem__``: audio cut to the
 authors' per-task window (``crabplus.data.windows``), videos timed at the authors' 1 fps (``meta["fps"]``).
 
-Bad data never stops a pass and is never silent. At index build, a record with a missing field, a missing media file
-or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index, reason) and
-left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem and return
-``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the end.
-AVVP test records, which hold no events, take their references from the LLP evaluation files
+Bad data never stops a pass and is never silent. At index build, a record with a missing field (the frame index of ms3,
+ref_avs and s4 test records included, as the authors' loader reads it; only s4 training always hears part 0), a missing
+media file or (with ``check_media="open"``, the default) a media file that does not open is reported (file, index,
+reason) and left out. A file that still fails to decode later makes ``__getitem__`` log a warning, record the problem
+and return ``None``; ``collate_samples`` drops those, and iterating the dataset skips them and logs the report at the
+end. AVVP test records, which hold no events, take their references from the LLP evaluation files
 (``crabplus.data.llp``; ``avvp_labels`` or ``<root>/avvp/``); without them each is reported with what is missing.
 """
 
@@ -97,6 +98,7 @@ class _Entry:
     target: str
     media: tuple[tuple[str, str], ...]  # (modality, path)
     reference: Prediction
+    frame_index: int | None  # the audio part heard (segmentation subsets), None elsewhere
 
 
 class _Skip(Exception):
@@ -238,6 +240,7 @@ class AVUIEDataset(torch.utils.data.Dataset):
         missing = [name for name in spec.required_fields if not _has(record, name)]
         if missing:
             raise _Skip(f"missing field(s) {', '.join(map(repr, missing))}")
+        frame_index = _frame_index(spec, self.split, record)
         target = record.get(spec.target_field)
         fields_ref = reference_from_fields(spec, record)
         if target is None and self.split == "test" and spec.name == "avvp":
@@ -266,7 +269,7 @@ class AVUIEDataset(torch.utils.data.Dataset):
             instruction = spec.format_instruction(resolved)
         except (KeyError, ValueError, IndexError) as exc:
             raise _Skip(f"cannot build the instruction ({exc})") from exc
-        return _Entry(spec.name, str(path), index, record, instruction, target, tuple(media), reference)
+        return _Entry(spec.name, str(path), index, record, instruction, target, tuple(media), reference, frame_index)
 
     def _llp_reference(self, record: Mapping[str, Any]) -> Prediction:
         """An AVVP test record's events from the LLP evaluation files (``crabplus.data.llp``); a malformed file is an
@@ -307,12 +310,7 @@ class AVUIEDataset(torch.utils.data.Dataset):
         """The sample at ``i``; raises ``MediaError`` naming the file that fails."""
         entry = self.entries[i]
         spec = get_task(entry.subset)
-        frame_index = None
-        if spec.audio_segments:
-            has_index = _has(entry.record, spec.frame_index_field)
-            frame_index = int(get_field(entry.record, spec.frame_index_field)) if has_index else 0
-            if spec.name == "s4" and self.split == "train":
-                frame_index = 0  # the authors' training loader always hears s4's first part
+        frame_index = entry.frame_index
         frames, audio = [], []
         for modality, path in entry.media:
             if modality == "video":
@@ -345,6 +343,26 @@ def _has(record: Mapping[str, Any], name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _frame_index(spec: TaskSpec, split: str, record: Mapping[str, Any]) -> int | None:
+    """The audio part a segmentation record hears, from its frame index field as the authors' loader reads it
+    (``sample['frame_idx']``, ref_avs training ``sample['idx']``: a record without it is bad, never part 0); s4
+    training always hears part 0 (their ``add_s4_samples`` passes ``'idx': 0``). None for the other subsets."""
+    if not spec.audio_segments or spec.frame_index_field is None:
+        return None
+    if spec.name == "s4" and split == "train":
+        return 0
+    name = spec.frame_index_field
+    if not _has(record, name):
+        aliases = "".join(f" (or {alias!r})" for alias in FIELD_ALIASES.get(name, ()))
+        raise _Skip(f"missing field {name!r}{aliases}: the frame index that picks the audio part heard")
+    value = get_field(record, name)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise _Skip(f"field {name!r} is not a frame index (a whole number): {value!r}")
+    if not int(value) < spec.audio_segments:
+        raise _Skip(f"field {name!r} = {value!r} is outside the audio parts 0..{spec.audio_segments - 1}")
+    return int(value)
 
 
 def _formattable(spec: TaskSpec, ref: Prediction) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crabplus.sample import AUDIO_SAMPLE_RATE
-from crabplus.tasks import COORD_SIZE, NUM_SEGMENTS
+from crabplus.tasks import COORD_SIZE, NUM_SEGMENTS, pixel_index
 
 
 @dataclass(frozen=True)
@@ -187,25 +187,25 @@ def voice(emotion: str, config: SynthConfig, rng: np.random.Generator) -> np.nda
 
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     """``[x1, y1, x2, y2]`` of a mask's pixels as inclusive ``COORD_SIZE`` pixel indices (``crabplus.tasks``): the box
-    of the mask resized to ``COORD_SIZE`` by nearest-neighbour sampling, so its corners map back onto the mask's own
-    corner pixels through pixel centres (``rescale_index``)."""
-    ys, xs = np.nonzero(mask)
+    of the mask resized to ``COORD_SIZE`` by nearest-neighbour sampling through pixel centres (``pixel_index``). For
+    a mask of at most ``COORD_SIZE`` pixels a side, the corners map back (``pixel_index``, or ``rescale_index`` then
+    ``floor(+0.5)``) exactly onto the mask's own corner pixels; a larger mask is subsampled, as at scoring."""
+    rows, cols = (pixel_index(np.arange(COORD_SIZE), COORD_SIZE, n) for n in mask.shape)  # the pixel each samples
+    ys, xs = np.nonzero(mask[np.ix_(rows, cols)])
     if len(xs) == 0:
-        raise ValueError("empty mask has no box")
-    scale = COORD_SIZE / mask.shape[1], COORD_SIZE / mask.shape[0]
-    return (
-        int(xs.min() * scale[0]),
-        int(ys.min() * scale[1]),
-        min(COORD_SIZE - 1, int((xs.max() + 1) * scale[0]) - 1),
-        min(COORD_SIZE - 1, int((ys.max() + 1) * scale[1]) - 1),
-    )
+        raise ValueError("empty mask has no box (at COORD_SIZE)")
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
 def points_of(obj: Obj, config: SynthConfig) -> tuple[tuple[int, int], ...]:
-    """Three points inside the object (centre, and a third of the radius left and right), in ``COORD_SIZE`` space."""
-    scale = COORD_SIZE / config.size
-    offsets = (0.0, -obj.radius / 3, obj.radius / 3)
-    return tuple((int((obj.x + d + 0.5) * scale), int((obj.y + 0.5) * scale)) for d in offsets)
+    """Three points on the object (its pixels nearest its centre and a third of the radius left and right of it), in
+    ``COORD_SIZE`` space: each holds the centre of that frame pixel (``pixel_index``), so it maps back onto it."""
+    ys, xs = np.nonzero(object_mask(obj, config))
+    if len(xs) == 0:
+        raise ValueError(f"{obj.source.name} at ({obj.x}, {obj.y}) covers no pixel of the {config.size}-pixel frame")
+    nearest = [int(np.argmin((xs - obj.x - d) ** 2 + (ys - obj.y) ** 2)) for d in (0, -obj.radius / 3, obj.radius / 3)]
+    to_coord = lambda v: int(pixel_index(v, config.size, COORD_SIZE))  # noqa: E731
+    return tuple((to_coord(xs[k]), to_coord(ys[k])) for k in nearest)
 
 
 def describe(source: Source) -> str:

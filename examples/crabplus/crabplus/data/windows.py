@@ -54,8 +54,9 @@ def task_audio(
 ) -> np.ndarray:
     """The window of mono ``audio`` that ``subset``'s model input holds (see the module docstring).
 
-    ``part`` is the frame index of the segmentation subsets (``TaskSpec.audio_segments`` parts); it must lie in
-    ``[0, parts)``: the authors' code feeds silence past the last part, this refuses with a ``ValueError`` instead.
+    ``part`` is the frame index of the segmentation subsets (``TaskSpec.audio_segments`` parts), required there; it
+    must lie in ``[0, parts)``: the authors' code feeds silence past the last part, this refuses with a ``ValueError``
+    instead (and when ``part`` is None, where theirs raises ``KeyError`` reading the record).
     Raises ``KeyError`` for an unknown subset.
     """
     spec = get_task(subset)
@@ -68,7 +69,9 @@ def task_audio(
         parts = _EQUAL_PARTS[subset]
         return audio[: parts * int(len(audio) / parts)]
     if spec.audio_segments:
-        parts, index = spec.audio_segments, 0 if part is None else part
+        parts, index = spec.audio_segments, part
+        if index is None:
+            raise ValueError(f"{subset}: needs the frame index of the audio part heard (part=), got none")
         if not 0 <= index < parts:
             raise ValueError(f"{subset}: frame index {index} outside the {parts} audio parts")
         step = int(len(audio) / parts)

@@ -174,6 +174,12 @@ def sam2_prompt(subset: str, pred: Prediction) -> SamPrompt:
     if not pred.ok:
         return SamPrompt(invalid=f"unparsable ({pred.error})")
     box, points = pred.box, pred.points[-3:]
+    return _checked_prompt(kind, box, points)
+
+
+def _checked_prompt(kind: str, box: Box | None, points: tuple[Point, ...]) -> SamPrompt:
+    """The authors' validity rules for a prompt (``box_points``: a box needs points, points alone need 3; every
+    coordinate in range), applied alike to our parse and to theirs."""
     if kind == "box_points":
         if box is not None and not points:
             return SamPrompt(invalid="a box without points")
@@ -205,13 +211,7 @@ def authors_prompt(subset: str, text: str) -> SamPrompt:
         return SamPrompt(invalid="no coordinate in the authors' grammar [x,y] / [x1,y1,x2,y2] (integers, no spaces)")
     boxes = [tuple(int(v) for v in m) for m in matches if m[2]]
     box, points = (boxes[0] if boxes else None), tuple((int(m[0]), int(m[1])) for m in matches if not m[2])[-3:]
-    if kind == "box_points":
-        if box is not None and not points:
-            return SamPrompt(invalid="a box without points")
-        if box is None and len(points) < 3:
-            return SamPrompt(invalid=f"{len(points)} point(s) and no box (3 points needed)")
-    why = _out_of_range(box, points)
-    return SamPrompt(invalid=why) if why else SamPrompt(box, points)
+    return _checked_prompt(kind, box, points)
 
 
 def mask_prompt(subset: str, text: str) -> SamPrompt:

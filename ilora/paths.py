@@ -18,7 +18,7 @@ triton_sorted     ``ilora.kernels.topk_routed_lora``           Triton, other top
 ================  ==========================================  ============================================
 
 Triton runs when ``use_kernels="triton"`` (an error if it cannot run here), or under ``"auto"`` on a CUDA device
-whose (GPU architecture, Triton version) pair is validated (``ilora/kernels/validated.py``).
+whose (GPU vendor and architecture, Triton version, kernel sources) is validated (``ilora/kernels/validated.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class DeviceFacts:
     type: str  # torch.device.type: "cuda", "cpu", ...
     triton_runnable: bool  # triton imports and runs here (CUDA, or CPU under TRITON_INTERPRET=1)
     triton_validated: bool = False  # a recorded kernel-check run passed on this GPU arch and Triton version
-    target: str = ""  # "sm_90 with Triton 3.9": named in messages
+    target: str = ""  # "cuda sm_90 with Triton 3.9": named in messages
+    problem: str = ""  # why use_kernels="auto" keeps this GPU on PyTorch (kernels.validated.validation_problem)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: Devic
     if config.use_kernels == "auto" and device.type == "cuda" and device.triton_runnable:
         if device.triton_validated:
             return Choice(_triton_path(config, gates_kind, tokens))
+        problem = device.problem or f"the Triton kernels are not validated on {device.target or 'this GPU'}"
         note = (
-            f"ilora: the Triton kernels are not validated on {device.target or 'this GPU'}, so use_kernels='auto' "
+            f"ilora: {problem}, so use_kernels='auto' "
             "runs the PyTorch path. To use them anyway pass use_kernels='triton'; to validate this GPU run "
             "`python -m benchmarks.kernel_check` and open a PR with its record (README, 'Kernels')."
         )
@@ -112,8 +114,8 @@ def device_facts(x: torch.Tensor) -> DeviceFacts:
     runnable = availability.triton_runnable(x)
     if x.device.type != "cuda" or not runnable:
         return DeviceFacts(x.device.type, runnable)
-    arch, version, validated = availability.gpu_target(x.device)
-    return DeviceFacts("cuda", True, validated, f"{arch} with Triton {version}")
+    target = availability.gpu_target(x.device)
+    return DeviceFacts("cuda", True, target.problem is None, target.name, target.problem or "")
 
 
 _logged: set[str] = set()

@@ -29,7 +29,7 @@ from ilora.kernels import availability
 from ilora.kernels.validated import Validation, kernel_sources_hash
 
 from .kernel_check_plugin import GPU_SKIPS_ENV
-from .report import check_free, environment, result_paths, write_text_new
+from .report import check_free, environment, result_paths, run_main, write_text_new
 from .run import add_output_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,4 +153,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -28,6 +28,7 @@ from .report import (
     format_targets,
     plot,
     result_paths,
+    run_main,
     write_json,
 )
 
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

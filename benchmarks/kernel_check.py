@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_output_args(ap)
     ap.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
     args = ap.parse_args(argv)
-    path, _ = result_paths(environment(torch.get_num_threads()), "kernels", args.record, args.out)
+    path, _ = result_paths(environment(torch.get_num_threads()), "kernels", args.record, args.out, args.tag)
     if not args.no_write:
         check_free([path])
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(threads)
     for pkg in ("mixlora",):
         env["versions"][pkg] = _installed(pkg)
-    paths = result_paths(env, "model", args.record, args.out)
+    paths = result_paths(env, "model", args.record, args.out, args.tag)
     if not args.no_write:
         check_free(paths)
     print(f"# {env['date']}  {env['machine']['gpu'] or env['machine']['cpu']}  threads={threads}  {asdict(size)}")

@@ -181,17 +181,19 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def result_paths(env: dict[str, Any], kind: str, record: bool, out: Path | None = None) -> tuple[Path, Path]:
+def result_paths(
+    env: dict[str, Any], kind: str, record: bool, out: Path | None = None, tag: str | None = None
+) -> tuple[Path, Path]:
     """The JSON and PNG paths of one run of ``kind`` (``quick``, ``full``, ``model``, ...).
 
     By default a run writes to the ignored :data:`SCRATCH` folder, its stem carrying the time of day so that runs
-    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`;
-    ``out`` replaces the folder either way.
+    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`, or
+    ``<date>_<machine>_<kind>-<tag>`` for a second record of the day; ``out`` replaces the folder either way.
     """
     date = env["date"][:10]
     when = date if record else env["date"][:19].replace(":", "")
     folder = out if out is not None else RESULTS if record else SCRATCH
-    stem = f"{when}_{machine_tag(env)}_{kind}"
+    stem = f"{when}_{machine_tag(env)}_{kind}" + (f"-{tag}" if tag else "")
     return folder / f"{stem}.json", folder / f"{stem}.png"
 
 

@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     size = StudySize(steps=args.steps)
     env = environment(args.threads)
-    paths = result_paths(env, "study", args.record, args.out)
+    paths = result_paths(env, "study", args.record, args.out, args.tag)
     if not args.no_write:
         check_free(paths)
     start = time.perf_counter()

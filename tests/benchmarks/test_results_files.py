@@ -107,3 +107,12 @@ def test_an_existing_record_fails_in_one_line_with_exit_2(tmp_path: Path, capsys
     line = _one_error_line(capsys)
     assert str(existing) in line and "never overwritten" in line
     assert existing.read_text() == "{}"
+
+
+def test_a_tag_names_a_second_record_of_the_day() -> None:
+    json_path, png_path = report.result_paths(_env(), "model", record=True, tag="sparse-path")
+    assert json_path == report.RESULTS / "2026-11-29_cpu-amd-epyc-1t_model-sparse-path.json"
+    assert png_path == json_path.with_suffix(".png")
+    assert run.parse(["--record", "--tag", "r2"]).tag == "r2"
+    with pytest.raises(SystemExit):
+        run.parse(["--record", "--tag", "../x"])

@@ -20,7 +20,16 @@ import torch
 
 from .harness import Step, quartiles, time_interleaved
 from .model_providers import MODEL_PROVIDERS, Built, ModelSize, base_model, build_model, model_skip_reason
-from .report import check_free, environment, format_mib, format_ms, result_paths, write_text_new
+from .report import (
+    check_free,
+    environment,
+    format_mib,
+    format_ms,
+    result_paths,
+    run_main,
+    save_figure,
+    write_text_new,
+)
 
 Row = dict[str, Any]
 QUICK_ROUNDS = 7
@@ -151,9 +160,7 @@ def plot_model(rows: Sequence[Row], path: Any, title: str) -> None:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("training step time / frozen model's step (median of paired rounds)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(threads)
     for pkg in ("mixlora",):
         env["versions"][pkg] = _installed(pkg)
-    paths = result_paths(env, "model", args.record, args.out)
+    paths = result_paths(env, "model", args.record, args.out, args.tag)
     if not args.no_write:
         check_free(paths)
     print(f"# {env['date']}  {env['machine']['gpu'] or env['machine']['cpu']}  threads={threads}  {asdict(size)}")
@@ -208,4 +215,4 @@ def _installed(pkg: str) -> str | None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import importlib.metadata
 import json
@@ -9,7 +10,8 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +181,19 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def result_paths(env: dict[str, Any], kind: str, record: bool, out: Path | None = None) -> tuple[Path, Path]:
+def result_paths(
+    env: dict[str, Any], kind: str, record: bool, out: Path | None = None, tag: str | None = None
+) -> tuple[Path, Path]:
     """The JSON and PNG paths of one run of ``kind`` (``quick``, ``full``, ``model``, ...).
 
     By default a run writes to the ignored :data:`SCRATCH` folder, its stem carrying the time of day so that runs
-    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`;
-    ``out`` replaces the folder either way.
+    never collide. ``record=True`` names a committed record, ``<date>_<machine>_<kind>`` in :data:`RESULTS`, or
+    ``<date>_<machine>_<kind>-<tag>`` for a second record of the day; ``out`` replaces the folder either way.
     """
     date = env["date"][:10]
     when = date if record else env["date"][:19].replace(":", "")
     folder = out if out is not None else RESULTS if record else SCRATCH
-    stem = f"{when}_{machine_tag(env)}_{kind}"
+    stem = f"{when}_{machine_tag(env)}_{kind}" + (f"-{tag}" if tag else "")
     return folder / f"{stem}.json", folder / f"{stem}.png"
 
 
@@ -200,6 +204,34 @@ def check_free(paths: Sequence[Path]) -> None:
             raise FileExistsError(
                 f"{path} exists: a result file is never overwritten; move or delete it, or pass another --out"
             )
+
+
+def redraw_path(source: Path, out: Path | None = None, beside: bool = False) -> Path:
+    """Where a redraw of result file ``source``'s PNG goes: the ignored :data:`SCRATCH` folder by default, ``out``
+    when given, beside ``source`` (a committed record's tracked PNG) only with ``beside``. Raises
+    ``FileExistsError`` if that file exists: a redraw never overwrites."""
+    folder = source.parent if beside else out if out is not None else SCRATCH
+    path = folder / f"{source.stem}.png"
+    check_free([path])
+    return path
+
+
+def add_redraw_args(ap: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--beside``: where a redrawn PNG goes (see :func:`redraw_path`)."""
+    ap.add_argument("--out", type=Path, default=None, help="folder for the redrawn PNG (default: benchmarks/out/)")
+    ap.add_argument(
+        "--beside", action="store_true", help="write the PNG beside the JSON (refused if one is there already)"
+    )
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a benchmark command's ``main``; a result file that exists already ends it with one line on stderr and
+    exit status 2 (argparse's for a usage error) instead of a traceback."""
+    try:
+        return main(argv)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def write_text_new(path: Path, text: str) -> None:
@@ -246,6 +278,14 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
         ax.set_ylabel("time / base linear")
         ax.set_title(f"{title} {mode}".strip())
     axes[0, 0].legend(fontsize=7, ncol=len(providers), loc="upper center")
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out and save a matplotlib figure as a new PNG, then close it; ``FileExistsError`` if ``path`` exists."""
+    import matplotlib.pyplot as plt
+
+    check_free([path])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -253,20 +293,22 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.report RESULT.json``: print its table and targets again and redraw its PNG."""
-    import argparse
-
+    """``python -m benchmarks.report RESULT.json``: print its table and targets again and redraw its PNG (into
+    benchmarks/out/ unless ``--out`` or ``--beside``; never over an existing file)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
     ap.add_argument("result", type=Path)
+    add_redraw_args(ap)
     args = ap.parse_args(argv)
+    png = redraw_path(args.result, args.out, args.beside)
     data = json.loads(args.result.read_text())
     env = data["environment"]
     print(f"# {env['date']}  {env['machine']}  commit {env['commit']}")
     print(format_table(data["rows"]))
     print("\nTargets:\n" + format_targets(evaluate_targets(data["rows"])))
-    plot(data["rows"], args.result.with_suffix(".png"), title=f"{args.result.stem}:")
+    plot(data["rows"], png, title=f"{args.result.stem}:")
+    print(f"wrote {png}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from .report import (
     format_targets,
     plot,
     result_paths,
+    run_main,
     write_json,
 )
 
@@ -47,6 +49,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _tag(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", text):
+        raise argparse.ArgumentTypeError(f"a tag is lower-case letters, digits and '-', got {text!r}")
+    return text
+
+
 def add_output_args(ap: argparse.ArgumentParser) -> None:
     """``--record``, ``--out`` and ``--no-write``: the same output options for every benchmark command."""
     ap.add_argument(
@@ -55,6 +63,10 @@ def add_output_args(ap: argparse.ArgumentParser) -> None:
         "exists); default: the ignored benchmarks/out/, stem with the time of day",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="another folder for the JSON and PNG")
+    ap.add_argument(
+        "--tag", type=_tag, default=None,
+        help="appended to the kind in the file name ([a-z0-9-]+): a second record on the same day and machine",
+    )  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="print only")
 
 
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
     }  # fmt: skip
     env = environment(threads)
-    paths = result_paths(env, config["preset"], args.record, args.out)
+    paths = result_paths(env, config["preset"], args.record, args.out, args.tag)
     if not args.no_write:
         check_free(paths)  # before the run, not after minutes of timing
     print(f"# {env['date']}  {env['machine']['gpu'] or env['machine']['cpu']}  threads={threads}  {config}", flush=True)
@@ -103,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

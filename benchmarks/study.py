@@ -38,6 +38,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ilora
 from ilora.config import CRAB_TARGETS
 
+from .report import run_main, save_figure
+
 
 @dataclass(frozen=True)
 class StudySize:
@@ -298,9 +300,7 @@ def plot_study(summary: dict[str, Any], path: Path, title: str) -> None:
     right.legend(fontsize=7, ncol=len(names), loc="upper center")
     right.set_title("multi-task score per task, 95% CI over seeds", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _title(stem: str, tasks: int, seeds: int) -> str:
@@ -308,7 +308,7 @@ def _title(stem: str, tasks: int, seeds: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .report import check_free, environment, result_paths, write_text_new
+    from .report import check_free, environment, redraw_path, result_paths, write_text_new
     from .run import add_output_args
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n")[0])
@@ -317,21 +317,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads, recorded")
     ap.add_argument(
-        "--replot", type=Path, default=None, help="reprint the table of this study JSON, redraw its PNG; run nothing"
-    )
+        "--replot", type=Path, default=None,
+        help="reprint the table of this study JSON and redraw its PNG (into --out, default benchmarks/out/, or "
+        "--beside it; never over an existing file); run nothing",
+    )  # fmt: skip
+    ap.add_argument("--beside", action="store_true", help="with --replot: write the PNG beside the JSON")
     add_output_args(ap)
     args = ap.parse_args(argv)
     if args.replot is not None:
+        png = redraw_path(args.replot, args.out, args.beside)
         data = json.loads(args.replot.read_text())
         title = _title(args.replot.stem, data["config"]["size"]["tasks"], data["config"]["seeds"])
         summary = summarize(data["results"])  # recomputed from the raw scores: summaries added later show too
         print(format_summary(summary))
-        plot_study(summary, args.replot.with_suffix(".png"), title)
+        plot_study(summary, png, title)
+        print(f"wrote {png}")
         return 0
     torch.set_num_threads(args.threads)
     size = StudySize(steps=args.steps)
     env = environment(args.threads)
-    paths = result_paths(env, "study", args.record, args.out)
+    paths = result_paths(env, "study", args.record, args.out, args.tag)
     if not args.no_write:
         check_free(paths)
     start = time.perf_counter()
@@ -353,4 +358,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -25,7 +25,7 @@ import torch
 
 from .context import call_state, padding_mask_for
 from .losses import balance_from_stats, router_stats, z_from_stats
-from .router import Gates
+from .router import Gates, check_ids_in_range
 
 if TYPE_CHECKING:
     from .config import ILoraConfig
@@ -52,8 +52,10 @@ def layer_stats(logits: torch.Tensor, gates: Gates, x: torch.Tensor, config: ILo
     core = router_stats(logits, gates, keep)
     parts = [core]
     if config.router_entropy_coef:
-        log_p = torch.log_softmax(logits.float() if keep is None else logits[keep].float(), dim=-1)
-        parts.append(-(log_p.exp() * log_p).sum().reshape(1))
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # [T]
+        # Padding is weighted out, not indexed out (``logits[keep]`` would sync with the host on CUDA).
+        parts.append((entropy if keep is None else entropy * keep.to(entropy.dtype)).sum().reshape(1))
     else:
         parts.append(core.new_zeros(1))
     if config.localized_balance_coef:
@@ -73,7 +75,7 @@ def _localized_sums(
     # One sequence per batch row of a [batch, seq, ...] input; each row of a 2-D input is its own sequence.
     batch = x.shape[0] if x.dim() >= 3 else weights.shape[0]
     importance = weights.reshape(batch, -1, num_experts).sum(1)  # [batch, E]
-    favoured = _favoured_groups(batch, config).to(weights.device)  # [batch]
+    favoured = _favoured_groups(batch, config).to(weights.device, non_blocking=True)  # [batch]
     group_of_expert = torch.arange(num_experts, device=weights.device) // (num_experts // config.num_expert_groups)
     alpha = config.localized_balance_alpha
     scale = torch.where(group_of_expert.unsqueeze(0) == favoured.unsqueeze(1), 1.0 + alpha, 1.0 - alpha)
@@ -94,12 +96,15 @@ def _favoured_groups(batch: int, config: ILoraConfig) -> torch.Tensor:
         raise ValueError(f"localized balancing needs one task id per sequence: got {ids.numel()} for {batch}")
     table = config.task_expert_groups
     groups = list(range(config.num_expert_groups)) if table is None else table
-    if int(ids.min()) < 0 or int(ids.max()) >= len(groups):
-        raise ValueError(
-            f"task ids {ids.tolist()} out of range for localized balancing: task_expert_groups maps task ids "
+    check_ids_in_range(
+        ids,
+        len(groups),
+        lambda got: (
+            f"task ids {got} out of range for localized balancing: task_expert_groups maps task ids "
             f"0..{len(groups) - 1} to expert groups"
-        )
-    return torch.as_tensor(groups, dtype=torch.long)[ids.cpu()]
+        ),
+    )
+    return torch.as_tensor(groups, dtype=torch.long).to(ids.device, non_blocking=True)[ids]
 
 
 def cv_squared_from_sums(sums: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from torch import nn
 from .aux_losses import has_aux_loss, layer_stats
 from .config import ILoraConfig
 from .context import bind_for_backward, call_state, current_recorder, padding_mask_for, recomputing
-from .functional import per_expert_input_routed_lora
 from .gates import jitter
 from .paths import add_routed_lora
 from .quantized import compute_dtype, weight_backend
@@ -257,17 +256,17 @@ class Linear(nn.Module, ILoraLayer):
         self._record_routing(name, x, logits, gates)
 
         if config.dropout_per_expert and config.lora_dropout and self.training:
-            return result + self._per_expert_dropout_delta(name, x, gates).to(result.dtype).view_as(result)
-        x2 = self.ilora_dropout[name](x).reshape(-1, self.in_features)
+            x2 = self._per_expert_dropout(name, x)
+        else:
+            x2 = self.ilora_dropout[name](x).reshape(-1, self.in_features)
         return add_routed_lora(config, x2, A, B, gates, self.scaling[name], result)
 
-    def _per_expert_dropout_delta(self, name: str, x: torch.Tensor, gates: Any) -> torch.Tensor:
+    def _per_expert_dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Crab's layer while training: every expert reads ``x`` through its own dropout mask (its loop calls
-        ``lora_B{i}(lora_A(lora_dropout(x)))`` per head), so the shrink runs once per expert. ``[T, d_out]``."""
-        config, A, B = self.ilora_config[name], self.ilora_A[name], self.ilora_B[name]
+        ``lora_B{i}(lora_A(lora_dropout(x)))`` per head), so the shrink runs once per expert. ``[T, E, d_in]``."""
+        config, A = self.ilora_config[name], self.ilora_A[name]
         xs = x.reshape(-1, 1, self.in_features).to(A.dtype).expand(-1, config.num_experts, -1).contiguous()
-        dense = gates.to_dense(config.num_experts).to(A.dtype)
-        return per_expert_input_routed_lora(self.ilora_dropout[name](xs), A, B, dense, self.scaling[name])
+        return self.ilora_dropout[name](xs)
 
     def __repr__(self) -> str:
         return "ilora." + super().__repr__()

@@ -15,10 +15,13 @@ triton_dense      ``ilora.kernels.soft_routed_lora``           Triton, dense gat
                                                               experts, the unselected gates zero
 triton_per_row    ``ilora.kernels.per_row_routed_lora``        Triton, top-1 decode batches
 triton_sorted     ``ilora.kernels.topk_routed_lora``           Triton, other top-k
+torch_per_expert  ``ilora.functional.per_expert_input_``       PyTorch, dense gates and one input per expert
+_input            ``routed_lora``                              (per-expert dropout while training, Crab): no
+                                                              kernel, so ``use_kernels="triton"`` refuses it
 ================  ==========================================  ============================================
 
 Triton runs when ``use_kernels="triton"`` (an error if it cannot run here), or under ``"auto"`` on a CUDA device
-whose (GPU architecture, Triton version) pair is validated (``ilora/kernels/validated.py``).
+whose (GPU vendor and architecture, Triton version, kernel sources) is validated (``ilora/kernels/validated.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ DENSE_TOPK_MAX_EXTRA_RANK = 256
 class ComputePath(enum.Enum):
     TORCH_SOFT = "torch_soft"
     TORCH_TOPK = "torch_topk"
+    TORCH_PER_EXPERT_INPUT = "torch_per_expert_input"
     TRITON_DENSE = "triton_dense"
     TRITON_PER_ROW = "triton_per_row"
     TRITON_SORTED = "triton_sorted"
@@ -59,7 +63,8 @@ class DeviceFacts:
     type: str  # torch.device.type: "cuda", "cpu", ...
     triton_runnable: bool  # triton imports and runs here (CUDA, or CPU under TRITON_INTERPRET=1)
     triton_validated: bool = False  # a recorded kernel-check run passed on this GPU arch and Triton version
-    target: str = ""  # "sm_90 with Triton 3.9": named in messages
+    target: str = ""  # "cuda sm_90 with Triton 3.9": named in messages
+    problem: str = ""  # why use_kernels="auto" keeps this GPU on PyTorch (kernels.validated.validation_problem)
 
 
 @dataclass(frozen=True)
@@ -68,14 +73,26 @@ class Choice:
     note: str | None = None  # why "auto" kept a GPU on PyTorch, and how to opt in (logged once)
 
 
-def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: DeviceFacts) -> Choice:
-    """The compute path for one call: ``gates_kind`` is ``"dense"`` (soft) or ``"topk"``, ``tokens`` the rows.
+GATES_KINDS = ("dense", "topk", "per_expert_input")
 
-    Raises ``RuntimeError`` when ``use_kernels="triton"`` and Triton cannot run on the device, ``ValueError`` for an
-    unknown ``gates_kind``.
+
+def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: DeviceFacts) -> Choice:
+    """The compute path for one call: ``gates_kind`` is ``"dense"`` (soft), ``"topk"``, or ``"per_expert_input"``
+    (dense gates, each expert reading its own input: per-expert dropout while training); ``tokens`` the rows.
+
+    Raises ``RuntimeError`` when ``use_kernels="triton"`` and Triton cannot run on the device or has no kernel for
+    ``gates_kind``, ``ValueError`` for an unknown ``gates_kind``.
     """
-    if gates_kind not in ("dense", "topk"):
-        raise ValueError(f"gates_kind must be 'dense' or 'topk', got {gates_kind!r}")
+    if gates_kind not in GATES_KINDS:
+        raise ValueError(f"gates_kind must be 'dense', 'topk' or 'per_expert_input', got {gates_kind!r}")
+    if gates_kind == "per_expert_input":
+        if config.use_kernels == "triton":
+            raise RuntimeError(
+                "use_kernels='triton' but there is no Triton kernel for per-expert dropout (dropout_per_expert=True "
+                "with lora_dropout > 0, while training): use use_kernels='auto' or 'torch' to train on the PyTorch "
+                "path, or set dropout_per_expert=False (one dropout mask shared by the experts)"
+            )
+        return Choice(ComputePath.TORCH_PER_EXPERT_INPUT)
     if config.use_kernels == "triton" and not device.triton_runnable:
         raise RuntimeError(
             f"use_kernels='triton' but Triton cannot run on {device.type} tensors here: install triton "
@@ -85,8 +102,9 @@ def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: Devic
     if config.use_kernels == "auto" and device.type == "cuda" and device.triton_runnable:
         if device.triton_validated:
             return Choice(_triton_path(config, gates_kind, tokens))
+        problem = device.problem or f"the Triton kernels are not validated on {device.target or 'this GPU'}"
         note = (
-            f"ilora: the Triton kernels are not validated on {device.target or 'this GPU'}, so use_kernels='auto' "
+            f"ilora: {problem}, so use_kernels='auto' "
             "runs the PyTorch path. To use them anyway pass use_kernels='triton'; to validate this GPU run "
             "`python -m benchmarks.kernel_check` and open a PR with its record (README, 'Kernels')."
         )
@@ -112,8 +130,8 @@ def device_facts(x: torch.Tensor) -> DeviceFacts:
     runnable = availability.triton_runnable(x)
     if x.device.type != "cuda" or not runnable:
         return DeviceFacts(x.device.type, runnable)
-    arch, version, validated = availability.gpu_target(x.device)
-    return DeviceFacts("cuda", True, validated, f"{arch} with Triton {version}")
+    target = availability.gpu_target(x.device)
+    return DeviceFacts("cuda", True, target.problem is None, target.name, target.problem or "")
 
 
 _logged: set[str] = set()
@@ -130,15 +148,20 @@ def add_routed_lora(
 ) -> torch.Tensor:
     """``result + scaling * sum_e g_e (x A_e) B_e`` on the path :func:`select_path` picks.
 
-    ``x [T, d_in]`` (dropout applied), ``A [1 or E, d_in, r]``, ``B [E, r, d_out]``, ``gates`` of ``T`` rows,
-    ``result [..., d_out]`` the base layer's output; returns ``result``'s shape and dtype.
+    ``x [T, d_in]`` (dropout applied), or ``[T, E, d_in]`` with one input per expert (per-expert dropout),
+    ``A [1 or E, d_in, r]``, ``B [E, r, d_out]``, ``gates`` of ``T`` rows, ``result [..., d_out]`` the base layer's
+    output; returns ``result``'s shape and dtype.
     """
-    kind = "dense" if gates.dense is not None else "topk"
+    kind = "per_expert_input" if x.dim() == 3 else "dense" if gates.dense is not None else "topk"
     choice = select_path(config, kind, x.shape[0], device_facts(x))
     if choice.note is not None and choice.note not in _logged:
         _logged.add(choice.note)
         logger.warning(choice.note)
     x2, base2 = x.to(A.dtype), result.reshape(-1, B.shape[2])
+    if choice.path is ComputePath.TORCH_PER_EXPERT_INPUT:
+        dense = gates.to_dense(config.num_experts).to(A.dtype)
+        out = functional.per_expert_input_routed_lora(x2, A, B, dense, scaling)
+        return (base2 + out.to(base2.dtype)).view_as(result)
     if choice.path in (ComputePath.TORCH_SOFT, ComputePath.TORCH_TOPK):
         return _torch_path(x2, A, B, gates, scaling, base2).to(result.dtype).view_as(result)
     from ilora import kernels

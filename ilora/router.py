@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,7 @@ class TaskRouter(nn.Module):
                 "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
                 "TrainingArguments(remove_unused_columns=False)"
             )
-        rows = self.task_logits(ids.to(self.weight.device))
+        rows = self.task_logits(ids)
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]
         if n == 1:
             return rows.expand(tokens, -1)
@@ -127,11 +128,30 @@ class TaskRouter(nn.Module):
         return rows.repeat_interleave(per_row, dim=0)
 
     def task_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[len(ids), E]`` for the given task ids, range-checked."""
+        """Logits ``[len(ids), E]`` for the given task ids (on any device), range-checked by ``check_ids_in_range``."""
         num_tasks = self.weight.shape[0]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
-            raise ValueError(f"task ids must be in [0, {num_tasks}), got {ids.tolist()}")
-        return self.weight[ids].to(routing_dtype(self.weight))
+        check_ids_in_range(ids, num_tasks, lambda got: f"task ids must be in [0, {num_tasks}), got {got}")
+        # Checked where the ids are: host ids (as ``routing_context`` makes them from a list) give the exact error.
+        return self.weight[ids.to(self.weight.device, non_blocking=True)].to(routing_dtype(self.weight))
+
+
+def check_ids_in_range(ids: torch.Tensor, upper: int, message: Callable[[str], str]) -> None:
+    """Check ``0 <= ids < upper`` with ``torch._assert_async``: no device value is read back to the host.
+
+    On CPU the assert runs at once and a failure raises ``ValueError(message(<the ids>))``; on an accelerator it
+    runs on the device and a failure surfaces as a device-side assert carrying ``message("<on device>")`` at the next
+    synchronising call, since ``int(ids.max())`` would stall every forward.
+    """
+    if not ids.numel():
+        return
+    in_range = ((ids >= 0) & (ids < upper)).all()
+    if ids.device.type != "cpu":
+        torch._assert_async(in_range, message("<on device>"))
+        return
+    try:
+        torch._assert_async(in_range, "out of range")
+    except RuntimeError as error:
+        raise ValueError(message(str(ids.tolist()))) from error
 
 
 @dataclass

@@ -1,19 +1,21 @@
 """Where the Triton kernels can run, and where they are validated.
 
 Runnable: triton importable, and the tensor on CUDA or on CPU under the interpreter. Validated: the device's GPU
-architecture and the installed Triton's major.minor are listed in ``validated.py``, backed by a passing
-kernel-check record. The layer's path choice (``ilora.paths``) asks :func:`triton_runnable` and :func:`gpu_target`;
-the kernels call :func:`ensure_runnable` so a wrong call fails with a clear message instead of a Triton device error.
+vendor and architecture, the installed Triton's major.minor and the kernels' source hash are listed in
+``validated.py``, backed by a passing kernel-check record. The layer's path choice (``ilora.paths``) asks
+:func:`triton_runnable` and :func:`gpu_target`; the kernels call :func:`ensure_runnable` so a wrong call fails with a
+clear message instead of a Triton device error.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
 from ._utils import HAS_TRITON, interpreting, triton
-from .validated import is_validated
+from .validated import kernel_sources_hash, validation_problem
 
 
 def triton_runnable(x: torch.Tensor) -> bool:
@@ -41,13 +43,29 @@ def triton_minor_version() -> str | None:
 
 
 @functools.cache
-def gpu_arch(device: torch.device) -> str:
-    """The CUDA device's architecture as ``sm_<major><minor>`` (``sm_90`` for an H100/H200)."""
+def gpu_arch(device: torch.device) -> tuple[str, str]:
+    """``(vendor, arch)`` of a CUDA-API device: ``("cuda", "sm_90")`` for an H100/H200, ``("hip", "gfx90a")`` for an
+    MI200 under ROCm, whose capability (9, 0) must never pass for sm_90."""
+    if torch.version.hip:
+        return "hip", str(torch.cuda.get_device_properties(device).gcnArchName).split(":")[0]
     major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    return "cuda", f"sm_{major}{minor}"
 
 
-def gpu_target(device: torch.device) -> tuple[str, str | None, bool]:
-    """``(arch, triton major.minor, validated)`` of a CUDA device: whether ``use_kernels="auto"`` may pick Triton."""
-    arch, version = gpu_arch(device), triton_minor_version()
-    return arch, version, version is not None and is_validated(arch, version)
+class GpuTarget(NamedTuple):
+    vendor: str
+    arch: str
+    triton: str | None  # major.minor, None without triton
+    problem: str | None  # why use_kernels="auto" may not run the kernels here (None: validated)
+
+    @property
+    def name(self) -> str:
+        return f"{self.vendor} {self.arch} with Triton {self.triton}"
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The device's target and whether ``use_kernels="auto"`` may pick Triton on it (``problem`` is None)."""
+    (vendor, arch), version = gpu_arch(device), triton_minor_version()
+    problem = "triton is not installed" if version is None else None
+    problem = problem or validation_problem(vendor, arch, version, kernel_sources_hash())
+    return GpuTarget(vendor, arch, version, problem)

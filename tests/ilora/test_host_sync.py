@@ -2,7 +2,8 @@
 
 ``torch.cuda.set_sync_debug_mode`` works only on CUDA, so on CPU a ``TorchDispatchMode`` counts the ops that read a
 value back (``aten._local_scalar_dense``: ``.item()``, ``int()``, ``bool()``) or whose output size depends on the data
-and so sync on CUDA (``bincount``, ``nonzero``, ...), and ``Tensor.tolist`` is counted by a wrapper. The CUDA runs
+and so sync on CUDA (``bincount``, ``nonzero``, boolean-mask indexing ``x[mask]``, ...), and ``Tensor.tolist`` is
+counted by a wrapper. The CUDA runs
 of the same checks are marked ``gpu``.
 """
 
@@ -28,6 +29,17 @@ SYNCING = {
     aten.repeat_interleave.Tensor,
 }
 
+# Ops that sync when indexed with a boolean mask (the output's size is the mask's count).
+BOOL_INDEXING = {aten.index.Tensor, aten._unsafe_index.Tensor, aten.index_put.default, aten.index_put_.default}
+
+
+def _indices(func, args) -> list:
+    return list(args[1]) if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
 
 class SyncCounter(TorchDispatchMode):
     def __init__(self) -> None:
@@ -37,6 +49,8 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in SYNCING:
             self.calls[str(func)] += 1
+        elif func in BOOL_INDEXING and any(_is_mask(i) for i in _indices(func, args)):
+            self.calls[f"{func} (bool mask)"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -60,7 +74,18 @@ CASES = {
     "soft_per_expert_a": dict(num_experts=4, shared_a=False, routing="soft"),
     "topk2_per_expert_a": dict(num_experts=8, shared_a=False, routing="topk", top_k=2),  # grouped GEMMs on CPU
     "top1_shared_a": dict(num_experts=4, routing="topk", top_k=1),
+    "topk2_balance_loss": dict(num_experts=8, shared_a=False, routing="topk", top_k=2, balance_loss_coef=0.01),
+    "soft_z_loss": dict(num_experts=3, routing="soft", router_z_loss_coef=0.001),
+    "soft_entropy_loss": dict(num_experts=4, routing="soft", router_entropy_coef=0.01),
+    "topk_localized_balance": dict(
+        num_experts=4, routing="topk", top_k=2, localized_balance_coef=0.01, num_expert_groups=2
+    ),
+    "task_router": dict(num_experts=3, routing="soft", router="task", num_tasks=2),
+    "sequence_router": dict(num_experts=3, routing="soft", router="sequence"),
 }
+# Every case runs inside a call with task ids and an attention mask that pads the end of the second sequence, so the
+# padding is left out of the losses' statistics (by weighting, not indexing) on every path.
+SEQ = 24
 
 
 def _layer_step(options: dict, device: str, dtype: torch.dtype, check: bool = False, d: int = 16):
@@ -68,10 +93,15 @@ def _layer_step(options: dict, device: str, dtype: torch.dtype, check: bool = Fa
         target_modules=["q"], r=8, init_lora_weights=False, use_kernels="torch", check_router_logits=check, **options
     )
     layer = ilora.Linear(torch.nn.Linear(d, d), "default", config).to(device=device, dtype=dtype)
-    x = torch.randn(2, 24, d, device=device, dtype=dtype, requires_grad=True)
+    layer.train()
+    x = torch.randn(2, SEQ, d, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.ones(2, SEQ, dtype=torch.long, device=device)
+    mask[1, SEQ // 2 :] = 0
+    task_ids = torch.tensor([0, 1], device=device)
 
     def step() -> None:
-        layer(x).square().sum().backward()
+        with ilora.routing_context(task_ids=task_ids, attention_mask=mask):
+            layer(x).square().sum().backward()
 
     step()  # warm up outside the count (lazy imports, first-call caches)
     return step
@@ -82,11 +112,19 @@ def test_layer_step_has_no_host_sync(case: str, monkeypatch) -> None:
     assert count_syncs(_layer_step(CASES[case], "cpu", torch.float32), monkeypatch) == {}
 
 
-def test_the_counter_sees_the_optional_logit_check_and_the_expert_loop(monkeypatch) -> None:
-    """The two places that may sync do show up: ``check_router_logits`` (opt-in), and the loop over experts where
-    grouped_mm does not take the operands (here float64)."""
-    calls = count_syncs(_layer_step(CASES["soft_shared_a"], "cpu", torch.float32, check=True), monkeypatch)
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_logit_check_is_the_only_sync_when_on(case: str, monkeypatch) -> None:
+    """``check_router_logits`` (on by default) costs exactly one host sync per routed layer per forward."""
+    calls = count_syncs(_layer_step(CASES[case], "cpu", torch.float32, check=True), monkeypatch)
     assert calls == {str(aten._local_scalar_dense.default): 1}
+
+
+def test_the_counter_sees_bool_mask_indexing_and_the_expert_loop(monkeypatch) -> None:
+    """What may sync does show up: boolean-mask indexing, and the loop over experts where grouped_mm does not take
+    the operands (here float64)."""
+    x, keep = torch.randn(6, 3), torch.tensor([True, False] * 3)
+    assert count_syncs(lambda: x[keep], monkeypatch) == {f"{aten.index.Tensor} (bool mask)": 1}
+    assert count_syncs(lambda: x[keep.nonzero().squeeze(1)], monkeypatch) == {str(aten.nonzero.default): 1}
     calls = count_syncs(_layer_step(CASES["topk2_per_expert_a"], "cpu", torch.float64), monkeypatch)
     assert calls == {"Tensor.tolist": 1}
 

@@ -53,6 +53,11 @@ TABLE = [
     ("triton", MANY, "topk", 2048, GPU_UNVALIDATED, P.TRITON_SORTED, False),
     ("triton", TOP1, "topk", 8, CPU_INTERPRETER, P.TRITON_PER_ROW, False),
     ("triton", MOE, "topk", 2048, CPU_INTERPRETER, P.TRITON_DENSE, False),
+    # Per-expert dropout while training (Crab): every expert reads its own copy of x; no kernel takes that.
+    ("torch", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
+    ("auto", SOFT, "per_expert_input", 2048, CPU, P.TORCH_PER_EXPERT_INPUT, False),
+    ("auto", SOFT, "per_expert_input", 2048, GPU_UNVALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
+    ("auto", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
 ]
 
 
@@ -77,8 +82,31 @@ def test_triton_on_request_fails_where_it_cannot_run(device: DeviceFacts) -> Non
 
 
 def test_unknown_gate_kind_is_named() -> None:
-    with pytest.raises(ValueError, match="gates_kind must be 'dense' or 'topk', got 'sparse'"):
+    with pytest.raises(ValueError, match="gates_kind must be 'dense', 'topk' or 'per_expert_input', got 'sparse'"):
         paths.select_path(_config("auto", SOFT), "sparse", 16, CPU)
+
+
+@pytest.mark.parametrize("device", [CPU, CPU_INTERPRETER, GPU_NO_TRITON, GPU_UNVALIDATED, GPU_VALIDATED])
+def test_triton_on_request_refuses_per_expert_dropout_everywhere(device: DeviceFacts) -> None:
+    with pytest.raises(RuntimeError, match="no Triton kernel for per-expert dropout"):
+        paths.select_path(_config("triton", SOFT), "per_expert_input", 16, device)
+
+
+@pytest.mark.parametrize("use_kernels", ["auto", "torch", "triton"])
+def test_crab_training_and_eval_honour_use_kernels_alike(use_kernels: str, monkeypatch) -> None:
+    """Crab's per-expert dropout (training only) goes through the same path choice as eval: with
+    ``use_kernels="triton"`` both refuse on CPU, instead of training silently on PyTorch."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = ilora.ILoraConfig.crab(target_modules=["q"], use_kernels=use_kernels)
+    layer = ilora.Linear(torch.nn.Linear(16, 16), "default", config)
+    x = torch.randn(2, 4, 16)
+    for training in (True, False):
+        layer.train(training)
+        if use_kernels == "triton":
+            with pytest.raises(RuntimeError, match="per-expert dropout" if training else "Triton cannot run on cpu"):
+                layer(x)
+        else:
+            assert layer(x).shape == (2, 4, 16)
 
 
 def test_the_per_row_kernel_shares_the_decode_bound() -> None:

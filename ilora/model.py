@@ -8,6 +8,7 @@ below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapte
 
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import nullcontext
 from typing import Any
@@ -59,6 +60,7 @@ class ILoraModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
+        check_num_experts_pattern(self.model, self.peft_config[adapter_name])
         self._hooks: list[Any] = [
             self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True),
             self.model.register_forward_hook(self._release_call_state, always_call=True),
@@ -415,6 +417,23 @@ def _delete_auxiliary_adapter(model: nn.Module, adapter_name: str, new_active: l
         else:
             module._active_adapter = []
         del module.modules_to_save[adapter_name]
+
+
+def check_num_experts_pattern(model: nn.Module, config: ILoraConfig) -> None:
+    """Refuse a ``num_experts_pattern`` key that matches no module of the model (keys match module paths as PEFT's
+    ``rank_pattern`` does): a pattern written for another model (say ``ILoraConfig.mola(num_layers=32)`` on a model
+    of 28 layers) would otherwise give some layers the wrong expert counts without a word."""
+    pattern = getattr(config, "num_experts_pattern", None)
+    if not pattern:
+        return
+    names = [name for name, _ in model.named_modules()]
+    unused = [key for key in pattern if not any(re.match(rf"(.*\.)?(?:{key})$", name) for name in names)]
+    if unused:
+        raise ValueError(
+            f"ILoraConfig.num_experts_pattern: {len(unused)} of its {len(pattern)} keys match no module of this "
+            f"model, e.g. {unused[:3]}. Write the pattern for this model; for ILoraConfig.mola(num_layers=...), give "
+            "this model's number of layers."
+        )
 
 
 def ilora_layers(model: nn.Module) -> list[ILoraLayer]:

@@ -76,9 +76,13 @@ class Choice:
 GATES_KINDS = ("dense", "topk", "per_expert_input")
 
 
-def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: DeviceFacts) -> Choice:
+def select_path(
+    config: ILoraConfig, gates_kind: str, tokens: int, device: DeviceFacts, slots: int | None = None
+) -> Choice:
     """The compute path for one call: ``gates_kind`` is ``"dense"`` (soft), ``"topk"``, or ``"per_expert_input"``
-    (dense gates, each expert reading its own input: per-expert dropout while training); ``tokens`` the rows.
+    (dense gates, each expert reading its own input: per-expert dropout while training); ``tokens`` the rows;
+    ``slots`` the experts per token the gate returned for top-k (a user's gate may return other than
+    ``config.top_k``; default ``config.top_k``).
 
     Raises ``RuntimeError`` when ``use_kernels="triton"`` and Triton cannot run on the device or has no kernel for
     ``gates_kind``, ``ValueError`` for an unknown ``gates_kind``.
@@ -101,7 +105,7 @@ def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: Devic
     note = None
     if config.use_kernels == "auto" and device.type == "cuda" and device.triton_runnable:
         if device.triton_validated:
-            return Choice(_triton_path(config, gates_kind, tokens))
+            return Choice(_triton_path(config, gates_kind, tokens, slots))
         problem = device.problem or f"the Triton kernels are not validated on {device.target or 'this GPU'}"
         note = (
             f"ilora: {problem}, so use_kernels='auto' "
@@ -109,16 +113,17 @@ def select_path(config: ILoraConfig, gates_kind: str, tokens: int, device: Devic
             "`python -m benchmarks.kernel_check` and open a PR with its record (README, 'Kernels')."
         )
     if config.use_kernels == "triton":
-        return Choice(_triton_path(config, gates_kind, tokens))
+        return Choice(_triton_path(config, gates_kind, tokens, slots))
     return Choice(ComputePath.TORCH_SOFT if gates_kind == "dense" else ComputePath.TORCH_TOPK, note)
 
 
-def _triton_path(config: ILoraConfig, gates_kind: str, tokens: int) -> ComputePath:
+def _triton_path(config: ILoraConfig, gates_kind: str, tokens: int, slots: int | None) -> ComputePath:
     if gates_kind == "dense":
         return ComputePath.TRITON_DENSE
-    if config.top_k == 1 and tokens <= PER_ROW_MAX_TOKENS:
+    k = config.top_k if slots is None else slots
+    if k == 1 and tokens <= PER_ROW_MAX_TOKENS:
         return ComputePath.TRITON_PER_ROW
-    if (config.num_experts - config.top_k) * config.r <= DENSE_TOPK_MAX_EXTRA_RANK:
+    if (config.num_experts - k) * config.r <= DENSE_TOPK_MAX_EXTRA_RANK:
         return ComputePath.TRITON_DENSE
     return ComputePath.TRITON_SORTED
 
@@ -153,7 +158,8 @@ def add_routed_lora(
     output; returns ``result``'s shape and dtype.
     """
     kind = "per_expert_input" if x.dim() == 3 else "dense" if gates.dense is not None else "topk"
-    choice = select_path(config, kind, x.shape[0], device_facts(x))
+    slots = None if gates.weights is None else gates.weights.shape[-1]
+    choice = select_path(config, kind, x.shape[0], device_facts(x), slots)
     if choice.note is not None and choice.note not in _logged:
         _logged.add(choice.note)
         logger.warning(choice.note)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from crabplus.sample import Sample
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Training sets torch's thread count for the process (``train.threads``); later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_samples(seed: int = 0, target: bool = True) -> list[Sample]:

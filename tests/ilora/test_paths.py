@@ -81,6 +81,15 @@ def test_triton_on_request_fails_where_it_cannot_run(device: DeviceFacts) -> Non
         paths.select_path(_config("triton", SOFT), "dense", 16, device)
 
 
+def test_the_triton_path_follows_the_experts_per_token_the_gate_returned() -> None:
+    # A user's gate may return more slots than config.top_k: one expert per row would drop the others.
+    gpu = DeviceFacts("cuda", True, True)
+    config = _config("triton", dict(num_experts=8, routing="topk", top_k=1, r=64))
+    assert paths.select_path(config, "topk", 16, gpu).path is paths.ComputePath.TRITON_PER_ROW
+    assert paths.select_path(config, "topk", 16, gpu, slots=8).path is paths.ComputePath.TRITON_DENSE
+    assert paths.select_path(config, "topk", 16, gpu, slots=2).path is paths.ComputePath.TRITON_SORTED
+
+
 def test_unknown_gate_kind_is_named() -> None:
     with pytest.raises(ValueError, match="gates_kind must be 'dense', 'topk' or 'per_expert_input', got 'sparse'"):
         paths.select_path(_config("auto", SOFT), "sparse", 16, CPU)

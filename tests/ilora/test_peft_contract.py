@@ -290,6 +290,7 @@ def test_from_pretrained_in_a_fresh_process_reproduces_outputs(tmp_path: Path) -
     script = textwrap.dedent(
         f"""
         import sys, torch
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order as this process: exact outputs
         sys.path.insert(0, {str(Path(__file__).parents[2])!r})
         import ilora
         from peft import PeftModel

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ilora
 
-from .conftest import example_input, output
+from .conftest import build, example_input, output
 
 PRESETS = ("hydralora", "mixlora", "loramoe", "mola")
 
@@ -179,6 +179,7 @@ def test_presets_save_and_load_in_a_fresh_process(tmp_path) -> None:
     script = textwrap.dedent(
         f"""
         import sys, torch
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order as this process: exact outputs
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import ilora
         from peft import PeftModel
@@ -219,3 +220,13 @@ def test_gradient_checkpointing_keeps_noise_task_ids_and_padding() -> None:
     assert any(n.endswith("noise_weight") for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_a_pattern_written_for_another_depth_is_refused() -> None:
+    # MoLA's pattern names every layer of the model it was written for: on a 2-layer model, the keys for layers
+    # 2..31 would match nothing and the remaining layers would get the wrong quarter's expert counts.
+    with pytest.raises(ValueError, match=r"num_experts_pattern: 30 of its 32 keys match no module"):
+        get_peft_model(build("llama"), ilora.ILoraConfig.mola())
+    custom = ilora.ILoraConfig(num_experts=4, target_modules=["q_proj"], num_experts_pattern={r"layers\.5\..*": 2})
+    with pytest.raises(ValueError, match=r"1 of its 1 keys match no module"):
+        get_peft_model(build("llama"), custom)

@@ -157,6 +157,7 @@ def test_readme_router_example_saves_and_loads_in_a_fresh_process(tmp_path, monk
     script = textwrap.dedent(
         f"""
         import sys, torch
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order as this process: exact outputs
         sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(tmp_path)!r}]
         import ilora
         from peft import PeftModel

@@ -103,6 +103,7 @@ class ILoraModel(BaseTuner):
             module,
             task_ids=kwargs.pop(TASK_IDS_KWARG, None),
             attention_mask=kwargs.get("attention_mask"),
+            position_ids=kwargs.get("position_ids"),
             # transformers >= 5.24 names the KV cache `cache`, earlier releases `past_key_values`.
             decoding=max(_cache_length(kwargs.get("past_key_values")), _cache_length(kwargs.get("cache"))) > 0,
         )

@@ -40,10 +40,10 @@ class RoutingRecorder:
     weights: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, layer_name: str, gates: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Record ``gates [T, E]``, only the rows where ``keep`` (bool ``[T]``) is true when given."""
-        with torch.no_grad():
-            kept = gates if keep is None else gates[keep]
-            self.weights[layer_name].append(kept.float().cpu())
+        """Record ``gates [T, E]``, only the rows where ``keep`` (bool ``[T]``) is true when given, detached (a
+        float32 CPU tensor's ``.float().cpu()`` is itself, which would keep the forward's graph alive)."""
+        kept = gates.detach() if keep is None else gates.detach()[keep]
+        self.weights[layer_name].append(kept.float().cpu())
 
     def usage(self, group: torch.distributed.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
         """Mean routing weight per expert for each layer, over every recorded token (of every rank of ``group``,

@@ -371,3 +371,14 @@ def test_sequence_router_pools_each_packed_sequence_alone() -> None:
     first = "model.layers.0.self_attn.q_proj"
     assert packed.weights[first][0].shape == (9, 3)
     torch.testing.assert_close(packed.weights[first][0], torch.cat(alone.weights[first]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("setting", ["topk_token", "soft_sequence"])
+def test_recorded_weights_hold_no_autograd_graph(setting: str, masked: bool) -> None:
+    pm = make(setting).train()
+    ids, mask = right_padded((8, 3))
+    with ilora.record_routing() as rec:
+        pm(input_ids=ids, attention_mask=mask if masked else None)
+    recorded = [w for ws in rec.weights.values() for w in ws]
+    assert recorded and all(w.grad_fn is None and not w.requires_grad for w in recorded)

@@ -269,12 +269,12 @@ def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
 def segment_ids(batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
     """The index of the packed sequence each token belongs to, ``[batch, seq]`` int64 on ``device``, counted from
     the current call's ``position_ids`` restarting at 0 (TRL's padding-free packing); None without 2-D position ids
-    that line up. Read without a host sync; a row without restarts is one sequence (segment 0), and so is left
-    padding before the first 0 (``generate``'s position ids)."""
+    ``[batch | 1, seq]`` (3-D multimodal rotary positions are not read). Read without a host sync; a row without
+    restarts is one sequence (segment 0), and so is left padding before the first 0 (``generate``'s position ids)."""
     pos = current_call().position_ids
-    if pos is None or pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] < seq:
-        return None
-    starts = pos[:, -seq:].to(device) == 0
+    if pos is None or pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] != seq:
+        return None  # position ids cover a call's new tokens only: a tower of another length does not line up
+    starts = pos.to(device) == 0
     return (starts.long().cumsum(1) - 1).clamp_min(0).expand(batch, seq)
 
 

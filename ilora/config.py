@@ -19,7 +19,7 @@ This adapter is routed LoRA (`"peft_type": "ILORA"`), a PEFT method that the `il
 it is imported. Without `import ilora`, PEFT stops with `KeyError: 'ILORA'`.
 
 ```python
-import ilora  # pip install "ilora[triton] @ git+https://github.com/OWNER/ilora.git"
+import ilora  # install ilora from its project's repository first (see that project's README)
 from peft import PeftModel
 
 model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")

@@ -40,10 +40,10 @@ class RoutingRecorder:
     weights: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, layer_name: str, gates: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Record ``gates [T, E]``, only the rows where ``keep`` (bool ``[T]``) is true when given."""
-        with torch.no_grad():
-            kept = gates if keep is None else gates[keep]
-            self.weights[layer_name].append(kept.float().cpu())
+        """Record ``gates [T, E]``, only the rows where ``keep`` (bool ``[T]``) is true when given, detached (a
+        float32 CPU tensor's ``.float().cpu()`` is itself, which would keep the forward's graph alive)."""
+        kept = gates.detach() if keep is None else gates.detach()[keep]
+        self.weights[layer_name].append(kept.float().cpu())
 
     def usage(self, group: torch.distributed.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
         """Mean routing weight per expert for each layer, over every recorded token (of every rank of ``group``,
@@ -71,7 +71,8 @@ class RoutingRecorder:
 
 @dataclass(frozen=True)
 class CallState:
-    """The routing state of one call: ``task_ids [batch]`` (or one id), ``attention_mask [batch, seq]``.
+    """The routing state of one call: ``task_ids [batch]`` (or one id), ``attention_mask [batch, seq]``,
+    ``position_ids [batch | 1, seq]`` (a packed batch restarts them at 0 at each sequence it holds).
 
     ``sequence_gates`` maps a sequence router to the logits it chose on a generation's prompt; ``reuse_sequence_gates``
     is set on cached decode steps, which keep them. ``module`` is the model whose call set this state and ``parent``
@@ -80,6 +81,7 @@ class CallState:
 
     task_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
     sequence_gates: dict[int, torch.Tensor] | None = None
     reuse_sequence_gates: bool = False
     module: nn.Module | None = None
@@ -152,7 +154,7 @@ def _bind(state: CallState, grad: torch.Tensor) -> None:
         bound = _BOUND[gid]
     if bound is _CONFLICT or bound is state:
         return
-    if not (_same(bound.task_ids, state.task_ids) and _same(bound.attention_mask, state.attention_mask)):
+    if not all(_same(getattr(bound, f), getattr(state, f)) for f in ("task_ids", "attention_mask", "position_ids")):
         with _BOUND_LOCK:
             _BOUND[gid] = _CONFLICT
 
@@ -194,9 +196,16 @@ def as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
     return t.reshape(-1).long()
 
 
-def enter_call(module: nn.Module, task_ids: Any = None, attention_mask: Any = None, decoding: bool = False) -> None:
-    """Start a call of ``module``: its task ids and mask (inherited from the enclosing call when not given); a call
-    that is not a cached decode step starts a new generation's sequence gates. End it with ``exit_call``."""
+def enter_call(
+    module: nn.Module,
+    task_ids: Any = None,
+    attention_mask: Any = None,
+    decoding: bool = False,
+    position_ids: Any = None,
+) -> None:
+    """Start a call of ``module``: its task ids, mask and position ids (inherited from the enclosing call when not
+    given); a call that is not a cached decode step starts a new generation's sequence gates. End it with
+    ``exit_call``."""
     ids = None if task_ids is None else as_task_tensor(task_ids)
     outer = _CALL.get()
     gates = _GENERATION.get() if decoding else None
@@ -206,6 +215,7 @@ def enter_call(module: nn.Module, task_ids: Any = None, attention_mask: Any = No
     _CALL.set(CallState(
         task_ids=outer.task_ids if ids is None else ids,
         attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
+        position_ids=outer.position_ids if position_ids is None else position_ids,
         sequence_gates=gates, reuse_sequence_gates=decoding, module=module, parent=outer,
     ))  # fmt: skip
 
@@ -219,13 +229,53 @@ def exit_call(module: nn.Module) -> CallState | None:
     return state
 
 
+def token_mask(batch: int, seq: int) -> torch.Tensor | None:
+    """The current call's 2-D attention mask, its last ``seq`` columns ``[batch, seq]``, for a layer input of
+    ``batch`` rows of ``seq`` tokens; None without a mask or when the mask does not line up with that input (towers
+    with their own token layout).
+
+    Raises ``ValueError`` for a mask of another rank (a 4-D additive or boolean mask) that lines up with the input:
+    which tokens are padding cannot be read from it exactly, and treating them all as real would be silently wrong.
+    """
+    mask = current_call().attention_mask
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -seq:] if mask.shape[0] == batch and mask.shape[1] >= seq else None
+    if mask.dim() >= 3 and mask.shape[0] in (1, batch) and mask.shape[-2] == seq:
+        raise ValueError(
+            f"ILoRA got a {mask.dim()}-D attention_mask of shape {tuple(mask.shape)}: the sequence router and the "
+            "router statistics (aux losses, record_routing) need to know which tokens are padding, which a "
+            f"{mask.dim()}-D mask does not say exactly. Pass the 2-D attention_mask [batch, seq] (1 = real token) "
+            "and let the model build its own, or use router='token' without aux losses or record_routing"
+        )
+    return None
+
+
 def padding_mask_for(x: torch.Tensor) -> torch.Tensor | None:
     """The current call's attention mask as a bool ``[batch * seq]`` token mask when ``x [batch, seq, d]`` lines up
-    with it (the language model's layers); None elsewhere (towers with their own token layout, 2-D inputs)."""
-    mask = call_state()[1]
-    if mask is None or x.dim() != 3 or mask.shape != x.shape[:2]:
+    with it (the language model's layers); None elsewhere (towers with their own token layout, 2-D inputs). A
+    packed batch (sequences concatenated in a row, no mask) has no padding: every token counts. ``ValueError``
+    for a mask that is not 2-D (see ``token_mask``)."""
+    if x.dim() != 3:
+        return None
+    mask = token_mask(x.shape[0], x.shape[1])
+    full = current_call().attention_mask
+    if mask is None or full is None or full.shape[1] != x.shape[1]:  # a decode step's mask covers the cache too
         return None
     return mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+
+def segment_ids(batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+    """The index of the packed sequence each token belongs to, ``[batch, seq]`` int64 on ``device``, counted from
+    the current call's ``position_ids`` restarting at 0 (TRL's padding-free packing); None without 2-D position ids
+    ``[batch | 1, seq]`` (3-D multimodal rotary positions are not read). Read without a host sync; a row without
+    restarts is one sequence (segment 0), and so is left padding before the first 0 (``generate``'s position ids)."""
+    pos = current_call().position_ids
+    if pos is None or pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] != seq:
+        return None  # position ids cover a call's new tokens only: a tower of another length does not line up
+    starts = pos.to(device) == 0
+    return (starts.long().cumsum(1) - 1).clamp_min(0).expand(batch, seq)
 
 
 @contextlib.contextmanager
@@ -241,8 +291,8 @@ def routing_context(
     token = _CALL.set(CallState(
         task_ids=outer.task_ids if task_ids is None else as_task_tensor(task_ids),
         attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
-        sequence_gates=outer.sequence_gates, reuse_sequence_gates=outer.reuse_sequence_gates,
-        module=outer.module, parent=outer.parent,
+        position_ids=outer.position_ids, sequence_gates=outer.sequence_gates,
+        reuse_sequence_gates=outer.reuse_sequence_gates, module=outer.module, parent=outer.parent,
     ))  # fmt: skip
     try:
         yield

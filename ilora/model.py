@@ -9,6 +9,7 @@ below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapte
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from contextlib import nullcontext
 from typing import Any
@@ -105,6 +106,7 @@ class ILoraModel(BaseTuner):
             module,
             task_ids=kwargs.pop(TASK_IDS_KWARG, None),
             attention_mask=kwargs.get("attention_mask"),
+            position_ids=kwargs.get("position_ids"),
             # transformers >= 5.24 names the KV cache `cache`, earlier releases `past_key_values`.
             decoding=max(_cache_length(kwargs.get("past_key_values")), _cache_length(kwargs.get("cache"))) > 0,
         )
@@ -159,13 +161,25 @@ class ILoraModel(BaseTuner):
     def _warn_if_router_losses_went_unused(self) -> None:
         # Statistics of an earlier training call were left to the user; no aux_loss call has read any since.
         pending, self._aux_reads_at_unused_stats = self._aux_reads_at_unused_stats, None
-        if pending is None or pending != losses.aux_loss_reads() or self._warned_unused_stats:
+        if pending is None or pending != losses.aux_loss_reads():
+            return
+        own_loss = _trainer_computing_its_own_loss()
+        if own_loss is not None:
+            raise ValueError(
+                f"ILoRA router losses (balance_loss_coef / router_z_loss_coef) would be dropped: transformers.Trainer "
+                f"with {own_loss} takes the labels off and computes the loss itself, so the model's loss, which "
+                "carries them, is never used. Train with ilora.ILoraTrainer, or mix "
+                "ilora.integrations.transformers.AuxLossMixin into your Trainer class (class T(AuxLossMixin, "
+                "Trainer): pass), or set balance_loss_coef and router_z_loss_coef to 0"
+            )
+        if self._warned_unused_stats:
             return
         self._warned_unused_stats = True
         warnings.warn(
             "ILoRA router statistics for the balance/z losses were collected in training but never used: call the "
-            "model with labels (the losses are then added to its loss), add ilora.aux_loss(model) to your loss, or "
-            "set balance_loss_coef and router_z_loss_coef to 0. This warning is shown once.",
+            "model with labels (the losses are then added to its loss), add ilora.aux_loss(model) to your loss, "
+            "train with ilora.ILoraTrainer (or mix ilora.integrations.transformers.AuxLossMixin into your Trainer "
+            "class), or set balance_loss_coef and router_z_loss_coef to 0. This warning is shown once.",
             UserWarning,
             stacklevel=3,
         )
@@ -360,6 +374,28 @@ class ILoraModel(BaseTuner):
         for hook in self._hooks:
             hook.remove()
         return self.model
+
+
+def _trainer_computing_its_own_loss() -> str | None:
+    """The setting (``compute_loss_func`` or ``label_smoothing_factor``) by which a ``transformers.Trainer`` whose
+    own ``compute_loss`` is on the call stack computes the loss without the model's; None when there is none.
+
+    Read from the stack (only when a training call finds the previous call's router statistics unread): that
+    ``compute_loss`` calls the model without labels and never reads ``ilora.aux_loss``.
+    """
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        return None
+    code = trainer_module.Trainer.compute_loss.__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    trainer = None if frame is None else frame.f_locals.get("self")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return "compute_loss_func"
+    if getattr(trainer, "label_smoother", None) is not None:
+        return "label_smoothing_factor"
+    return None
 
 
 def _unique_layers(model: nn.Module) -> list[ILoraLayer]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import current_call
+from .context import current_call, segment_ids, token_mask
 
 
 def routing_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -65,10 +65,12 @@ class TokenRouter(nn.Module):
 class SequenceRouter(TokenRouter):
     """One decision per sequence from the mean of its (unmasked) tokens.
 
-    For ``x [batch, seq, d_in]`` the model's attention mask (captured per call, see ``ilora.context``) selects the
-    tokens; its last ``seq`` columns are used so cached decode steps line up. A 2-D input is a set of independent
-    rows, each its own sequence. During cached generation the decision taken on the prompt is kept for the decode
-    steps, so a sequence keeps its experts while it is generated.
+    For ``x [batch, seq, d_in]`` the model's 2-D attention mask (captured per call, see ``ilora.context``) selects
+    the tokens; its last ``seq`` columns are used so cached decode steps line up. A packed row (several sequences
+    concatenated, ``position_ids`` restarting at 0 at each, as TRL's padding-free packing gives) gets one decision
+    per sequence. A 4-D attention mask is refused (``ValueError``, see ``context.token_mask``). A 2-D input is a
+    set of independent rows, each its own sequence. During cached generation the decision taken on the prompt (on
+    its last sequence) is kept for the decode steps, so a sequence keeps its experts while it is generated.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,14 +83,22 @@ class SequenceRouter(TokenRouter):
         if state.reuse_sequence_gates and cached is not None and cached.shape[0] == batch:
             return cached.repeat_interleave(seq, dim=0)
         xs = x.reshape(batch, seq, x.shape[-1]).to(routing_dtype(x, self.weight))
-        mask = state.attention_mask
+        mask = token_mask(batch, seq)
+        segments = segment_ids(batch, seq, x.device) if x.dim() == 3 else None
         with no_autocast(x.device):
-            if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
-                m = mask[:, -seq:].to(xs.dtype).unsqueeze(-1)
+            m = xs.new_ones(batch, seq, 1) if mask is None else mask.to(xs.device, xs.dtype).unsqueeze(-1)
+            if segments is None:
                 pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)
-            else:
-                pooled = xs.mean(1)
+            else:  # [batch, seq] slots, one per possible sequence of a row
+                index = segments.unsqueeze(-1)
+                sums = xs.new_zeros(xs.shape).scatter_add(1, index.expand_as(xs), xs * m)
+                counts = m.new_zeros(m.shape).scatter_add(1, index, m)
+                pooled = sums / counts.clamp_min(1.0)
         logits = routing_linear(pooled, self.weight)
+        if segments is not None:
+            logits = logits.gather(1, segments.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [batch, seq, E]
+            kept[id(self)] = logits[:, -1].detach()
+            return logits.reshape(batch * seq, -1)
         kept[id(self)] = logits.detach()
         return logits.repeat_interleave(seq, dim=0)
 

@@ -82,6 +82,7 @@ def test_statistics_never_read_warn_once() -> None:
         model(**batch)
     unread = [w for w in seen if "never used" in str(w.message)]
     assert len(unread) == 1
+    assert "ilora.ILoraTrainer" in str(unread[0].message) and "AuxLossMixin" in str(unread[0].message)
 
 
 def test_a_tuple_output_is_refused_by_name() -> None:
@@ -118,6 +119,24 @@ def test_plain_transformers_trainer_trains_the_router_losses_once_per_accumulate
     before = ilora.ilora_layers(model)[0].ilora_router["default"].weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, ilora.ilora_layers(model)[0].ilora_router["default"].weight)
+
+
+def _smoothed_cross_entropy(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+    logits = outputs["logits"][:, :-1].flatten(0, 1)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("how", ["label_smoothing_factor", "compute_loss_func"])
+def test_plain_trainer_computing_its_own_loss_refuses_to_drop_the_router_losses(tmp_path, how: str) -> None:
+    # The Trainer takes the labels off and computes the loss itself: the model's loss (and the router terms added
+    # to it) is never used, so training would silently leave the router losses out.
+    extra = {"label_smoothing_factor": 0.1} if how == "label_smoothing_factor" else {}
+    args = TrainingArguments(**_trainer_args(tmp_path, **extra))
+    rows = [{"input_ids": t, "labels": t} for t in _same_length()]
+    func = {"compute_loss_func": _smoothed_cross_entropy} if how == "compute_loss_func" else {}
+    trainer = Trainer(model=_model(), args=args, train_dataset=rows, **func)
+    with pytest.raises(ValueError, match=rf"{how}.*ilora\.ILoraTrainer.*AuxLossMixin"):
+        trainer.train()
 
 
 def _same_length() -> list[torch.Tensor]:

@@ -167,3 +167,10 @@ def test_shared_field_is_honoured(field: str, tmp_path) -> None:
 def test_values_ilora_cannot_honour_are_refused(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"ILoraConfig\.{field}"):
         ilora.ILoraConfig(**kwargs)
+
+
+def test_the_saved_model_card_says_how_to_install_without_a_placeholder_url(tmp_path) -> None:
+    ilora.ILoraConfig(target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert "import ilora" in card and "repository" in card
+    assert "OWNER" not in card and "://" not in card  # no made-up address a reader would copy

@@ -322,3 +322,63 @@ def test_one_backward_over_two_checkpointed_forwards_with_different_task_ids_is_
     second = checkpointed(input_ids=ids, attention_mask=mask, labels=ids, ilora_task_ids=[1, 2]).loss
     with pytest.raises(RuntimeError, match="backward after each forward"):
         (first + second).backward()
+
+
+# ------------------------------------------------------------------- masks other than 2-D, packed batches
+def _sequence_llama(router: str = "sequence") -> nn.Module:
+    torch.manual_seed(0)
+    config = ilora.ILoraConfig(r=4, num_experts=3, router=router, target_modules=["q_proj"], init_lora_weights=False)
+    return get_peft_model(build("llama"), config).eval()
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :5] = 0
+    allowed = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    return ids, mask, allowed
+
+
+@pytest.mark.parametrize("router", ["sequence", "token"])
+@pytest.mark.parametrize("additive", [True, False])
+def test_a_4d_attention_mask_is_refused_where_padding_matters(router: str, additive: bool) -> None:
+    pm = _sequence_llama(router)
+    ids, mask, allowed = _padded_batch()
+    mask_4d = torch.where(allowed, 0.0, torch.finfo(torch.float32).min) if additive else allowed
+    with ilora.record_routing() as by_2d:
+        pm(input_ids=ids, attention_mask=mask)
+    assert next(iter(by_2d.weights.values()))[0].shape[0] == 11  # the 5 padding tokens are left out
+    refusal = r"4-D attention_mask .*\(2, 1, 8, 8\).*2-D attention_mask"
+    with pytest.raises(ValueError, match=refusal), ilora.record_routing():
+        pm(input_ids=ids, attention_mask=mask_4d)
+    if router == "sequence":  # pooling needs the mask even without a recorder
+        with pytest.raises(ValueError, match=r"4-D attention_mask.*router='token'"):
+            pm(input_ids=ids, attention_mask=mask_4d)
+
+
+def test_sequence_router_pools_each_packed_sequence_alone() -> None:
+    pm = _sequence_llama()
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(1, 64, (1, 5), generator=g), torch.randint(1, 64, (1, 4), generator=g)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    with ilora.record_routing() as packed, torch.no_grad():
+        pm(input_ids=torch.cat([a, b], 1), position_ids=positions)
+    with ilora.record_routing() as alone, torch.no_grad():
+        pm(input_ids=a)
+        pm(input_ids=b)
+    # The first routed layer only: its input is the embeddings, the same packed or alone (later layers differ as
+    # the base model's sdpa attention without a mask crosses the boundary; flash-attention kernels do not).
+    first = "model.layers.0.self_attn.q_proj"
+    assert packed.weights[first][0].shape == (9, 3)
+    torch.testing.assert_close(packed.weights[first][0], torch.cat(alone.weights[first]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("setting", ["topk_token", "soft_sequence"])
+def test_recorded_weights_hold_no_autograd_graph(setting: str, masked: bool) -> None:
+    pm = make(setting).train()
+    ids, mask = right_padded((8, 3))
+    with ilora.record_routing() as rec:
+        pm(input_ids=ids, attention_mask=mask if masked else None)
+    recorded = [w for ws in rec.weights.values() for w in ws]
+    assert recorded and all(w.grad_fn is None and not w.requires_grad for w in recorded)

@@ -140,6 +140,11 @@ def peak_memory(module: nn.Module, p: Problem, mode: str) -> int | None:
     if p.x.device.type != "cuda":
         return None
     step = make_step(module, p, "fwd+bwd" if mode == "bwd" else mode)  # bwd alone still needs its forward's graph
+    return step_peak_bytes(step)
+
+
+def step_peak_bytes(step: Step) -> int:
+    """Peak CUDA bytes allocated above the resting state while ``step.timed()`` runs once (after ``prepare``)."""
     step.prepare()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

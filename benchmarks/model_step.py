@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .harness import Step, quartiles, time_interleaved
+from .harness import Step, quartiles, step_peak_bytes, time_interleaved
 from .model_providers import MODEL_PROVIDERS, Built, ModelSize, base_model, build_model, model_skip_reason
 from .report import (
     check_free,
@@ -62,15 +62,7 @@ def _init_error(built: Built, reference: torch.Tensor, input_ids: torch.Tensor) 
 
 
 def _peak_bytes(step: Step, device: str) -> int | None:
-    if device != "cuda":
-        return None
-    step.prepare()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    rest = torch.cuda.memory_allocated()
-    step.timed()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - rest
+    return step_peak_bytes(step) if device == "cuda" else None
 
 
 def run_model_step(

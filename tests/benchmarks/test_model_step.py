@@ -13,14 +13,6 @@ from benchmarks.model_providers import MODEL_PROVIDERS, ModelSize, base_model, b
 TINY = ModelSize(hidden=32, layers=1, intermediate=64, heads=2, vocab=48, batch=4, seq=12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", [n for n in MODEL_PROVIDERS if n != "frozen"])
 def test_provider_starts_as_the_base_and_trains(name: str) -> None:
     if (why := model_skip_reason(name)) is not None:

@@ -17,15 +17,6 @@ from ilora import functional as IF
 T, D = 24, 40  # small, and d < r for crabplus: a transposed layout would fail loudly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a busy machine: a second OpenMP thread mostly waits for a core, slowing these tests several-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference(p: providers.Problem) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ilora's functional math on leaf copies; returns the output and the grads of (x, A, B, router)."""
     x, A, B, router = (t.detach().clone().requires_grad_(True) for t in (p.x, p.A, p.B, p.router))

@@ -15,14 +15,6 @@ SMALL = study.StudySize(symbols=8, tasks=3, pairs=3, hidden=16, heads=2, interme
                         test_per_task=4, budget_rank=4)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), symbols=st.integers(4, 40), tasks=st.integers(2, 6))
 def test_tasks_share_one_half_and_conflict_on_the_other(seed: int, symbols: int, tasks: int) -> None:

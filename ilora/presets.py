@@ -16,14 +16,16 @@ CRAB_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
 def crabplus() -> dict[str, Any]:
     """Crab+ (Qwen2.5-Omni thinker): 3 experts, shared A, r 128, alpha 256, dropout 0.1 (one mask for all experts),
-    soft per-token routing on the seven ``_proj`` projections, no auxiliary loss."""
+    soft per-token routing on the seven ``_proj`` projections, no auxiliary loss. The layer is ``Linear`` in
+    ``peft_hyper/tuners/lora.py`` (GeWu-Lab/Crab_Plus)."""
     return dict(r=128, lora_alpha=256, lora_dropout=0.1, num_experts=3, shared_a=True, router="token",
                 routing="soft", target_modules=list(CRAB_TARGETS))  # fmt: skip
 
 
 def crab() -> dict[str, Any]:
     """Crab (LLaMA-2-7B-chat): 3 experts, shared A, r 8, alpha 16, dropout 0.05 with a mask per expert (its layer
-    calls dropout inside the loop over heads), soft per-token routing on the seven ``_proj`` projections."""
+    calls dropout inside the loop over heads), soft per-token routing on the seven ``_proj`` projections. The layer
+    is ``Linear`` in ``peft_hyper/tuners/lora.py`` (GeWu-Lab/Crab)."""
     return dict(r=8, lora_alpha=16, lora_dropout=0.05, dropout_per_expert=True, num_experts=3, shared_a=True,
                 router="token", routing="soft", target_modules=list(CRAB_TARGETS))  # fmt: skip
 

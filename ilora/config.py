@@ -241,6 +241,8 @@ class ILoraConfig(PeftConfig):
     def _validate_adapter(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise _bad("r", f"must be a positive integer, got {self.r!r}")
+        if not _positive(self.lora_alpha):
+            raise _bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise _bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -366,8 +368,9 @@ class ILoraConfig(PeftConfig):
             aux_losses.check_expert_groups(module, _bad)
             return module
         except ValueError as err:
-            by = ", ".join(f"{name}={value!r}" for name, value in given.items()) or "no pattern"
-            raise ValueError(f"{err} (for module {key!r}, given {by} by the patterns)") from None
+            by = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            where = f"given {by} by the patterns" if given else "which no pattern matches"
+            raise ValueError(f"{err} (for module {key!r}, {where})") from None
 
     @property
     def scaling(self) -> float:

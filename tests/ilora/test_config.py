@@ -20,6 +20,8 @@ from .conftest import build
     ("kwargs", "field"),
     [
         ({"r": 0}, "r"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
         ({"num_experts": 0}, "num_experts"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"router": "expert"}, "router"),

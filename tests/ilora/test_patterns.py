@@ -90,6 +90,12 @@ def test_a_module_the_patterns_make_invalid_is_named() -> None:
                             rank_pattern={"q_proj": 2}, num_experts_pattern={"q_proj": 3})  # fmt: skip
     with pytest.raises(ValueError, match=r"num_expert_groups.*for module 'a\.q_proj', given r=2, num_experts=3"):
         cfg.for_module("a.q_proj")
+    # With num_experts_pattern set, a module no pattern matches is checked with the global count when adapted.
+    cfg = ilora.ILoraConfig(num_experts=3, num_expert_groups=2, localized_balance_coef=0.1,
+                            num_experts_pattern={"q_proj": 4})  # fmt: skip
+    assert cfg.for_module("a.q_proj").num_experts == 4
+    with pytest.raises(ValueError, match=r"num_experts=3 is not a multiple.*for module 'a\.v_proj', which no pattern"):
+        cfg.for_module("a.v_proj")
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])

@@ -135,12 +135,27 @@ def validate(config: ILoraConfig, bad: Callable[[str, str], ValueError]) -> None
     if not (isinstance(config.localized_balance_alpha, (int, float)) and 0 <= config.localized_balance_alpha < 1):
         raise bad("localized_balance_alpha", f"must be in [0, 1), got {config.localized_balance_alpha!r}")
     groups = config.num_expert_groups
-    if not isinstance(groups, int) or groups < 1 or config.num_experts % groups:
-        raise bad(
-            "num_expert_groups", f"must be a positive divisor of num_experts={config.num_experts}, got {groups!r}"
-        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise bad("num_expert_groups", f"must be a positive integer, got {groups!r}")
+    if not config.num_experts_pattern:  # else each module's count is checked when it is adapted (for_module)
+        check_expert_groups(config, bad)
     table = config.task_expert_groups
     if table is not None and not (
         isinstance(table, list) and table and all(isinstance(g, int) and 0 <= g < groups for g in table)
     ):
         raise bad("task_expert_groups", f"must list, per task id, an expert group in [0, {groups}), got {table!r}")
+
+
+def check_expert_groups(config: ILoraConfig, bad: Callable[[str, str], ValueError]) -> None:
+    """Refuse ``num_expert_groups`` only where LoRAMoE's localized balancing runs and cannot split the experts:
+    the loss is on (``localized_balance_coef > 0``), the module routes (more than one expert) and its expert count is
+    not a multiple of the group count. With the loss off, or on a one-expert (plain LoRA) module, the groups are
+    unused."""
+    groups, experts = config.num_expert_groups, config.num_experts
+    if config.localized_balance_coef and experts > 1 and experts % groups:
+        raise bad(
+            "num_expert_groups",
+            f"LoRAMoE's localized balancing (localized_balance_coef={config.localized_balance_coef!r}) splits the "
+            f"experts into equal groups, but num_experts={experts} is not a multiple of num_expert_groups={groups}: "
+            "use a group count that divides the expert count, or set localized_balance_coef=0",
+        )

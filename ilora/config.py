@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +47,31 @@ def _all_str(values: Any) -> bool:
     return isinstance(values, (list, tuple, set)) and all(isinstance(v, str) for v in values)
 
 
-CRAB_TARGETS = presets.ATTENTION_TARGETS + presets.MLP_TARGETS
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_pattern(field_name: str, pattern: Any, what: str, valid: Callable[[Any], bool]) -> None:
+    """Refuse, naming the key and its value, a pattern that is not a dict of valid regexes to valid values."""
+    if not isinstance(pattern, dict):
+        raise _bad(field_name, f"must be a dict of module-name regexes to {what}s, got {pattern!r}")
+    for key, value in pattern.items():
+        if not isinstance(key, str):
+            raise _bad(field_name, f"keys must be module-name regexes (str), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise _bad(field_name, f"key {key!r} is not a valid regex ({err})") from None
+        if not valid(value):
+            raise _bad(field_name, f"key {key!r} gives {value!r}, which is not {what}")
+
+
+CRAB_TARGETS = presets.CRAB_TARGETS
+PATTERNED_FIELDS = ("r", "lora_alpha", "num_experts")  # set per module by rank_, alpha_ and num_experts_pattern
 
 Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token" or a user's
 Routing = str  # a gate registered in ilora.registry: "soft", "topk", "top_p" or a user's
@@ -149,7 +176,11 @@ class ILoraConfig(PeftConfig):
     )
     top_p: float = field(
         default=0.8,
-        metadata={"help": "routing='top_p': experts per token until their probability mass exceeds top_p (<= top_k)."},
+        metadata={
+            "help": "routing='top_p': experts per token until their probability mass exceeds top_p (<= top_k). The "
+            "balance loss's expert shares are over the assignments made (1 at uniform use): MoE-PEFT's dynamic "
+            "MixLoRA loss is that times the batch's mean experts per token (ilora.gates.TopPGate)."
+        },
     )
     router_jitter_noise: float = field(
         default=0.0,
@@ -171,6 +202,22 @@ class ILoraConfig(PeftConfig):
     task_expert_groups: list[int] | None = field(
         default=None, metadata={"help": "The expert group each task id favours (default: task t favours group t)."}
     )
+    # Per-module ranks and alphas: PEFT LoraConfig's fields, with its key matching and semantics (for_module).
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module ranks, as PEFT's LoraConfig.rank_pattern: keys are regexes matched on the module "
+            "path's end (first match wins, peft.utils.other.get_pattern_key), e.g. {'down_proj': 16} or "
+            "{r'layers\\.0\\..*': 4}; other modules use r."
+        },
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module lora_alpha, as PEFT's LoraConfig.alpha_pattern (keys as rank_pattern's); each module's "
+            "scaling is its own alpha / r (/ sqrt(r) with use_rslora), r from rank_pattern."
+        },
+    )
     num_experts_pattern: dict[str, int] | None = field(
         default=None,
         metadata={
@@ -185,6 +232,7 @@ class ILoraConfig(PeftConfig):
         self._validate_adapter()
         self._validate_routing()
         self._validate_targets()
+        self._validate_patterns()
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -193,6 +241,8 @@ class ILoraConfig(PeftConfig):
     def _validate_adapter(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise _bad("r", f"must be a positive integer, got {self.r!r}")
+        if not _positive(self.lora_alpha):
+            raise _bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise _bad("num_experts", f"must be a positive integer, got {self.num_experts!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -229,7 +279,7 @@ class ILoraConfig(PeftConfig):
         if self.num_experts == 1:
             # One expert always gets weight 1: its router is frozen and a router loss would be a constant. (Router
             # kind and temperature are documented as having no effect there.)
-            for name in ("balance_loss_coef", "router_z_loss_coef"):
+            for name in aux_losses.COEFFICIENTS:
                 if getattr(self, name):
                     raise _bad(
                         name,
@@ -282,30 +332,45 @@ class ILoraConfig(PeftConfig):
         if not (isinstance(self.router_jitter_noise, (int, float)) and 0.0 <= self.router_jitter_noise < 1.0):
             raise bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise!r}")
         aux_losses.validate(self, bad)
-        pattern = self.num_experts_pattern
-        if pattern is not None and not (
-            isinstance(pattern, dict)
-            and all(isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in pattern.items())
-        ):
-            raise bad("num_experts_pattern", f"must map module name patterns to expert counts >= 1, got {pattern!r}")
+
+    def _validate_patterns(self) -> None:
+        """The three per-module patterns: dicts of valid regexes to positive ranks, alphas and expert counts."""
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern  # LoraConfig's default
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
+        _check_pattern("rank_pattern", self.rank_pattern, "a rank (a positive integer)", _positive_int)
+        _check_pattern("alpha_pattern", self.alpha_pattern, "a lora_alpha (a positive finite number)", _positive)
+        if self.num_experts_pattern is not None:
+            _check_pattern("num_experts_pattern", self.num_experts_pattern, "an expert count (>= 1)", _positive_int)
 
     def for_module(self, key: str) -> ILoraConfig:
-        """The config of the module at path ``key``: ``self``, or a copy with the expert count that
-        ``num_experts_pattern`` gives it (``top_k`` capped at that count), validated like any config."""
-        if not self.num_experts_pattern:
-            return self
+        """The config of the module at path ``key``: ``self``, or a copy with the rank, ``lora_alpha`` and expert
+        count that ``rank_pattern``, ``alpha_pattern`` and ``num_experts_pattern`` give it (so its ``scaling`` is
+        recomputed from them; ``top_k`` capped at its expert count), validated like any config.
+
+        Keys match as in PEFT's ``LoraModel._create_and_replace`` (``peft/tuners/lora/model.py``): each pattern's
+        first key that ``peft.utils.other.get_pattern_key`` matches on the path's end; no match keeps the global value.
+        Raises ``ValueError`` naming the module and the values the patterns gave it when that combination is invalid.
+        """
         from peft.utils.other import get_pattern_key
 
-        pattern_key = get_pattern_key(list(self.num_experts_pattern), key)
-        if pattern_key not in self.num_experts_pattern:
-            return self
-        experts = self.num_experts_pattern[pattern_key]
+        given = {}
+        for name, pattern in zip(PATTERNED_FIELDS, (self.rank_pattern, self.alpha_pattern, self.num_experts_pattern)):
+            if pattern and (value := pattern.get(get_pattern_key(list(pattern), key))) is not None:
+                given[name] = value
         try:
+            if not given:
+                aux_losses.check_expert_groups(self, _bad)  # left to the modules when num_experts_pattern is set
+                return self
+            experts = given.get("num_experts", self.num_experts)
             # A one-expert layer is plain LoRA: nothing to route, so its router losses are off (not refused).
             no_routing = dict.fromkeys(aux_losses.COEFFICIENTS, 0.0) if experts == 1 else {}
-            return replace(self, num_experts=experts, top_k=min(self.top_k, experts), **no_routing)
+            module = replace(self, **given, top_k=min(self.top_k, experts), **no_routing)
+            aux_losses.check_expert_groups(module, _bad)
+            return module
         except ValueError as err:
-            raise ValueError(f"{err} (for module {key!r}, given {experts} experts by num_experts_pattern)") from None
+            by = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            where = f"given {by} by the patterns" if given else "which no pattern matches"
+            raise ValueError(f"{err} (for module {key!r}, {where})") from None
 
     @property
     def scaling(self) -> float:
@@ -313,23 +378,13 @@ class ILoraConfig(PeftConfig):
 
     @classmethod
     def crabplus(cls, **overrides: Any) -> ILoraConfig:
-        """The Crab+ setting (Qwen2.5-Omni thinker): 3 experts, shared A, r 128, alpha 256, dropout 0.1, soft
-        per-token routing on the seven ``_proj`` projections."""
-        settings: dict[str, Any] = dict(
-            r=128, lora_alpha=256, lora_dropout=0.1, num_experts=3, shared_a=True, router="token", routing="soft",
-            target_modules=list(CRAB_TARGETS),
-        )  # fmt: skip
-        return cls(**{**settings, **overrides})
+        """Crab+: 3 soft-routed experts, shared A, r 128, alpha 256, dropout 0.1 (``ilora.presets.crabplus``)."""
+        return cls(**{**presets.crabplus(), **overrides})
 
     @classmethod
     def crab(cls, **overrides: Any) -> ILoraConfig:
-        """The Crab setting (LLaMA-2-7B-chat): 3 experts, shared A, r 8, alpha 16, dropout 0.05 with a mask per expert
-        (its layer calls dropout inside the loop over heads), soft per-token."""
-        settings: dict[str, Any] = dict(
-            r=8, lora_alpha=16, lora_dropout=0.05, dropout_per_expert=True, num_experts=3, shared_a=True,
-            router="token", routing="soft", target_modules=list(CRAB_TARGETS),
-        )  # fmt: skip
-        return cls(**{**settings, **overrides})
+        """Crab: 3 soft-routed experts, shared A, r 8, alpha 16, dropout 0.05 per expert (``ilora.presets.crab``)."""
+        return cls(**{**presets.crab(), **overrides})
 
     @classmethod
     def hydralora(cls, **overrides: Any) -> ILoraConfig:

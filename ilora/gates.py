@@ -26,8 +26,8 @@ def top_p_gates(probs: torch.Tensor, top_p: float, max_k: int) -> Gates:
 
     ``probs [T, E]`` (rows summing to 1); returns ``weights``, ``indices`` ``[T, max_k]`` with the unused slots'
     weights exactly 0 (their indices are valid expert ids, so any top-k path computes them as no-ops). Follows
-    MoE-PEFT's dynamic MixLoRA, ``_dynamic_top_p`` in ``moe_peft/modules/mix_lora.py`` (TUDB-Labs/MoE-PEFT), whose
-    maximum is every expert (``max_k = E``); its ``temperature`` (default 0, off) divides the probabilities, where
+    MoE-PEFT's dynamic MixLoRA, ``_dynamic_top_p`` in ``moe_peft/adapters/mixlora/model.py`` (TUDB-Labs/MoE-PEFT),
+    whose maximum is every expert (``max_k = E``); its ``temperature`` (default 0, off) divides the probabilities, where
     ilora's ``router_temperature`` divides the logits before the softmax.
     """
     values, indices = probs.topk(max_k, dim=-1)  # sorted, descending
@@ -40,7 +40,16 @@ def top_p_gates(probs: torch.Tensor, top_p: float, max_k: int) -> Gates:
 
 class TopPGate:
     """``routing="top_p"``: dynamic top-p routing (see ``top_p_gates``) with ``top_p`` and at most ``top_k`` experts
-    per token, on ``softmax(logits / router_temperature)``."""
+    per token, on ``softmax(logits / router_temperature)``.
+
+    Its load-balance loss (``balance_loss_coef``) is ilora's ``E * sum_e f_e P_e`` with ``f_e`` the share of the
+    layer's assignments that go to expert ``e`` (summing to 1, so the loss is 1 at uniform use whatever the number of
+    experts per token). MoE-PEFT's ``DynamicRouterLoss`` (``_dynamic_load_balancing_loss_func``,
+    ``moe_peft/adapters/mixlora/model.py``) divides the assignments by the tokens instead, so its loss is ilora's
+    times ``k_mean``, the batch's mean number of experts per token (between 1 and ``top_k``, changing every step: no
+    constant coefficient converts one into the other); it also counts padding tokens and lets a token keep every
+    expert (ilora: at most ``top_k``; MoE-PEFT's is ``top_k = num_experts``).
+    """
 
     def __init__(self, config: ILoraConfig) -> None:
         self.top_p, self.max_k, self.temperature = config.top_p, config.top_k, config.router_temperature
@@ -74,9 +83,9 @@ def jitter(x: torch.Tensor, noise: float, training: bool) -> torch.Tensor:
     """The router's input multiplied by ``U(1 - noise, 1 + noise)`` per element, in training only: the jitter of
     Switch Transformers (router input only). MixLoRA's ``jitter_noise`` draws the same noise but multiplies the whole
     block input in place (``MixLoraSparseMoe.forward`` in the ``mixlora`` package, ``MixtralSparseMoe.forward`` in
-    MoE-PEFT's ``mix_lora.py``), so there the frozen projections and the experts see it too, and the ``mixlora``
-    package (inference code) applies it in eval as well. Here the base layer and the experts always see the clean
-    input: the frozen model stays exact."""
+    MoE-PEFT's ``moe_peft/adapters/mixlora/model.py``), so there the frozen projections and the experts see it too,
+    and the ``mixlora`` package (inference code) applies it in eval as well. Here the base layer and the experts
+    always see the clean input: the frozen model stays exact."""
     if not training or noise == 0:
         return x
     return x * torch.empty_like(x).uniform_(1.0 - noise, 1.0 + noise)

@@ -61,7 +61,6 @@ class ILoraModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
-        check_num_experts_pattern(self.model, self.peft_config[adapter_name])
         self._hooks: list[Any] = [
             self.model.register_forward_pre_hook(self._capture_call_state, with_kwargs=True),
             self.model.register_forward_hook(self._release_call_state, always_call=True),
@@ -75,6 +74,11 @@ class ILoraModel(BaseTuner):
         self._hooks.append(self.model.register_forward_hook(self._add_aux_loss_to_output, with_kwargs=True))
         self._aux_reads_at_unused_stats: int | None = None
         self._warned_unused_stats = False
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Every adapter, the first and those added later (add_adapter, load_adapter), before any module changes.
+        check_patterns(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     if not base_tuner_has("__getattr__"):  # older peft (0.15) does not forward unknown attributes
 
@@ -215,7 +219,7 @@ class ILoraModel(BaseTuner):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        peft_config = peft_config.for_module(current_key)  # per-module expert counts (num_experts_pattern)
+        peft_config = peft_config.for_module(current_key)  # per-module rank, alpha, experts (the patterns)
         if isinstance(target, ILoraLayer):
             target.update_layer(adapter_name, peft_config)
             return
@@ -455,21 +459,23 @@ def _delete_auxiliary_adapter(model: nn.Module, adapter_name: str, new_active: l
         del module.modules_to_save[adapter_name]
 
 
-def check_num_experts_pattern(model: nn.Module, config: ILoraConfig) -> None:
-    """Refuse a ``num_experts_pattern`` key that matches no module of the model (keys match module paths as PEFT's
-    ``rank_pattern`` does): a pattern written for another model (say ``ILoraConfig.mola(num_layers=32)`` on a model
-    of 28 layers) would otherwise give some layers the wrong expert counts without a word."""
-    pattern = getattr(config, "num_experts_pattern", None)
-    if not pattern:
-        return
+def check_patterns(model: nn.Module, config: ILoraConfig) -> None:
+    """Refuse a ``rank_pattern``, ``alpha_pattern`` or ``num_experts_pattern`` key that matches no module of the model
+    (keys match module paths as PEFT's ``rank_pattern`` does; PEFT's LoRA only warns): a pattern written for another
+    model (say ``ILoraConfig.mola(num_layers=32)`` on a model of 28 layers) would otherwise give some layers the wrong
+    ranks or expert counts without a word."""
     names = [name for name, _ in model.named_modules()]
-    unused = [key for key in pattern if not any(re.match(rf"(.*\.)?(?:{key})$", name) for name in names)]
-    if unused:
-        raise ValueError(
-            f"ILoraConfig.num_experts_pattern: {len(unused)} of its {len(pattern)} keys match no module of this "
-            f"model, e.g. {unused[:3]}. Write the pattern for this model; for ILoraConfig.mola(num_layers=...), give "
-            "this model's number of layers."
-        )
+    for field_name in ("rank_pattern", "alpha_pattern", "num_experts_pattern"):
+        pattern = getattr(config, field_name, None)
+        if not pattern:
+            continue
+        unused = [key for key in pattern if not any(re.match(rf"(.*\.)?(?:{key})$", name) for name in names)]
+        if unused:
+            raise ValueError(
+                f"ILoraConfig.{field_name}: {len(unused)} of its {len(pattern)} keys match no module of this model, "
+                f"e.g. {unused[:3]}. Write the pattern for this model; for ILoraConfig.mola(num_layers=...), give "
+                "this model's number of layers."
+            )
 
 
 def ilora_layers(model: nn.Module) -> list[ILoraLayer]:

@@ -10,6 +10,24 @@ from typing import Any
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+CRAB_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+"""The seven ``_proj`` projections of a LLaMA/Qwen block, matched by suffix: the targets of Crab, Crab+ and MoLA."""
+
+
+def crabplus() -> dict[str, Any]:
+    """Crab+ (Qwen2.5-Omni thinker): 3 experts, shared A, r 128, alpha 256, dropout 0.1 (one mask for all experts),
+    soft per-token routing on the seven ``_proj`` projections, no auxiliary loss. The layer is ``Linear`` in
+    ``peft_hyper/tuners/lora.py`` (GeWu-Lab/Crab_Plus)."""
+    return dict(r=128, lora_alpha=256, lora_dropout=0.1, num_experts=3, shared_a=True, router="token",
+                routing="soft", target_modules=list(CRAB_TARGETS))  # fmt: skip
+
+
+def crab() -> dict[str, Any]:
+    """Crab (LLaMA-2-7B-chat): 3 experts, shared A, r 8, alpha 16, dropout 0.05 with a mask per expert (its layer
+    calls dropout inside the loop over heads), soft per-token routing on the seven ``_proj`` projections. The layer
+    is ``Linear`` in ``peft_hyper/tuners/lora.py`` (GeWu-Lab/Crab)."""
+    return dict(r=8, lora_alpha=16, lora_dropout=0.05, dropout_per_expert=True, num_experts=3, shared_a=True,
+                router="token", routing="soft", target_modules=list(CRAB_TARGETS))  # fmt: skip
 
 
 def hydralora() -> dict[str, Any]:
@@ -37,7 +55,7 @@ def mixlora() -> dict[str, Any]:
     """
     return dict(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, shared_a=False, router="token",
                 routing="topk", top_k=2, balance_loss_coef=0.001 * 2,
-                target_modules=list(ATTENTION_TARGETS + MLP_TARGETS),
+                target_modules=list(CRAB_TARGETS),
                 num_experts_pattern={name: 1 for name in ATTENTION_TARGETS})  # fmt: skip
 
 
@@ -58,13 +76,17 @@ def loramoe() -> dict[str, Any]:
 def mola(num_layers: int = 32, experts_per_quarter: tuple[int, int, int, int] = (2, 4, 6, 8)) -> dict[str, Any]:
     """MoLA (Gao et al. 2024, "Higher layers need more LoRA experts"): top-2 routing over per-expert LoRA, with
     fewer experts in lower layers: the model's layers split into four equal quarters with 2, 4, 6 and 8 experts
-    (the paper's "2-4-6-8" for 32-layer LLaMA-2), set through ``num_experts_pattern``. Numbers from MoE-PEFT's
-    ``templates/mola.json`` (r 10, alpha 20, dropout 0.05, top-2, all seven projections); the layer is
-    ``MolaSparseMoe`` in ``moe_peft/modules/lora_moes.py`` (TUDB-Labs/MoE-PEFT), without auxiliary loss."""
+    (the paper's "2-4-6-8" for 32-layer LLaMA-2), set through ``num_experts_pattern``. Numbers from the defaults of
+    the authors' ``mola_training.py`` (GCYZSL/MoLA: ``lora_r`` 8 in every layer, ``lora_alpha`` 16,
+    ``lora_dropout`` 0.05, ``number_experts`` 2,...,8 by eight layers, ``top_k`` 2, the seven projections); the layer
+    is ``Linear_MoE.forward`` in ``src/mola_lora_hacked.py`` there (softmax, top-k, renormalised, one dropout mask
+    for all experts, ``scaling = lora_alpha / r``), without auxiliary loss (``obalance`` defaults to False).
+    MoE-PEFT's re-implementation (``MolaSparseMoe``, ``moe_peft/adapters/mola/model.py``, TUDB-Labs/MoE-PEFT) routes
+    the same way; its ``templates/mola.json`` uses r 10 and alpha 20 instead."""
     if num_layers < 4 or num_layers % 4:
         raise ValueError(f"ILoraConfig.mola: num_layers must be a positive multiple of 4, got {num_layers}")
     quarter = num_layers // 4
     pattern = {rf"layers\.{i}\..*": experts_per_quarter[i // quarter] for i in range(num_layers)}
-    return dict(r=10, lora_alpha=20, lora_dropout=0.05, num_experts=max(experts_per_quarter), shared_a=False,
-                router="token", routing="topk", top_k=2, target_modules=list(ATTENTION_TARGETS + MLP_TARGETS),
+    return dict(r=8, lora_alpha=16, lora_dropout=0.05, num_experts=max(experts_per_quarter), shared_a=False,
+                router="token", routing="topk", top_k=2, target_modules=list(CRAB_TARGETS),
                 num_experts_pattern=pattern)  # fmt: skip

@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
-from crabplus.models import ModelConfig, build_model, model_parts, part_of
+from crabplus.models import ModelConfig, adapter_settings, build_model, model_parts, part_of, peft_config_for
 from crabplus.models.modular import load_modular
 from crabplus.models.omni import load_omni
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import WhisperModel
 
+import ilora
+
 TINY = dict(r=4, lora_alpha=8)
+TARGETS = ["q_proj", "up_proj"]
 
 
 def _grads_by_part(model, paradigm):
@@ -190,3 +194,35 @@ def test_modular_queries_each_frame_on_the_last_selected_layer(tiny_modular):
     assert not torch.equal(tokens[1], other[1])
     hidden = model.vision_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
     torch.testing.assert_close(feats[-1], hidden[c.vision_layers[-1]][:, 1:])
+
+
+def _shared(lora: LoraConfig, routed: ilora.ILoraConfig) -> dict[str, tuple]:
+    """Every field the two configs share (PEFT's own type and version aside), as (LoRA value, ILoRA value)."""
+    names = {f.name for f in dataclasses.fields(LoraConfig)} & {f.name for f in dataclasses.fields(routed)}
+    plain = lambda v: sorted(v) if isinstance(v, (set, list)) else v  # noqa: E731  LoRA keeps targets as a set
+    return {n: (plain(getattr(lora, n)), plain(getattr(routed, n))) for n in names - {"peft_type", "peft_version"}}
+
+
+@pytest.mark.parametrize(
+    ("paradigm", "options"),
+    [("omni", {"train_vocab": True, "audio": "full"}), ("modular", dict(TINY, lora_dropout=0.2, vision="ilora"))],
+)
+def test_lora_baseline_differs_from_ilora_only_by_routing(paradigm, options, monkeypatch):
+    # The recipe takes its targets and numbers from ilora's presets, and derives the LoRA baseline from the same
+    # record: a change to a preset (here rsLoRA, patterns and other numbers) reaches both, field for field.
+    for name in ("crabplus", "crab"):
+        record = {**getattr(ilora.presets, name)(), "use_rslora": True, "lora_alpha": 24, "r": 6,
+                  "target_modules": ["q_proj", "up_proj"], "rank_pattern": {"up_proj": 3},
+                  "alpha_pattern": {"q_proj": 5}}  # fmt: skip
+        monkeypatch.setattr(ilora.presets, name, lambda record=record: dict(record))
+    cfg = ModelConfig(paradigm=paradigm, **options)
+    parts, settings = model_parts(paradigm), adapter_settings(cfg)
+    routed = peft_config_for(parts, cfg.modes(), "ilora", settings)
+    lora = peft_config_for(parts, cfg.modes(), "lora", settings)
+    assert isinstance(routed, ilora.ILoraConfig) and isinstance(lora, LoraConfig)
+    shared = _shared(lora, routed)
+    assert {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "modules_to_save",
+            "rank_pattern", "alpha_pattern"} <= set(shared)  # fmt: skip
+    assert {n: v[0] for n, v in shared.items()} == {n: v[1] for n, v in shared.items()}
+    assert (lora.use_rslora, lora.rank_pattern, sorted(lora.target_modules)) == (True, {"up_proj": 3}, TARGETS)
+    assert lora.r == options.get("r", 6) and lora.exclude_modules and routed.num_experts == 3

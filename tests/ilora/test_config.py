@@ -20,6 +20,8 @@ from .conftest import build
     ("kwargs", "field"),
     [
         ({"r": 0}, "r"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
         ({"num_experts": 0}, "num_experts"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"router": "expert"}, "router"),
@@ -109,6 +111,8 @@ SHARED_FIELDS = {
     "r": lambda tmp: _layer(_tiny(r=3)).ilora_A["default"].shape[-1] == 3,
     "lora_alpha": lambda tmp: _layer(_tiny(lora_alpha=12)).scaling["default"] == 3.0,
     "use_rslora": lambda tmp: _layer(_tiny(lora_alpha=12, use_rslora=True)).scaling["default"] == 6.0,
+    "rank_pattern": lambda tmp: _layer(_tiny(rank_pattern={"q_proj": 2})).r["default"] == 2,  # more: test_patterns
+    "alpha_pattern": lambda tmp: _layer(_tiny(alpha_pattern={"q_proj": 12})).scaling["default"] == 3.0,
     "lora_dropout": lambda tmp: _layer(_tiny(lora_dropout=0.25)).ilora_dropout["default"].p == 0.25,
     "target_modules": lambda tmp: _same_targets_as_lora(target_modules=r".*\.1\.self_attn\.(q|k)_proj"),
     "exclude_modules": lambda tmp: _same_targets_as_lora(exclude_modules=["model.layers.0.self_attn.q_proj"]),

@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 
 import ilora
 from ilora.gates import NoisyTokenRouter, jitter, top_p_gates
-from ilora.losses import router_stats
+from ilora.losses import balance_loss, router_stats
 from ilora.router import TokenRouter
 
 from .conftest import build, example_input, output, targets
@@ -20,7 +20,7 @@ from .oracle import naive_delta
 
 
 def moe_peft_dynamic_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """MoE-PEFT's ``_dynamic_top_p`` (TUDB-Labs/MoE-PEFT, ``moe_peft/modules/mix_lora.py``, temperature 0) step by
+    """MoE-PEFT's ``_dynamic_top_p`` (TUDB-Labs/MoE-PEFT, ``moe_peft/adapters/mixlora/model.py``, temperature 0) step by
     step, scattered back to dense ``[T, E]`` weights (dropped experts 0)."""
     sorted_probs, sorted_indices = torch.sort(probs, dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
@@ -69,6 +69,45 @@ def test_router_stats_count_only_used_slots() -> None:
     used = (gates.weights != 0).sum().item()
     assert share_count.item() == used == 4
     assert share_sum.tolist() == [2.0, 1.0, 1.0]
+
+
+def moe_peft_dynamic_balance(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``DynamicRouterLoss.forward`` without its coefficient, i.e. ``_dynamic_load_balancing_loss_func`` on
+    ``softmax(logits)`` (MoE-PEFT, ``moe_peft/adapters/mixlora/model.py``, temperature 0), step by step: the fraction
+    of tokens sending each of their kept slots to expert e, summed over slots, times the mean probability, times E."""
+    probs = torch.softmax(logits, dim=-1)
+    num_experts = probs.shape[-1]
+    sorted_probs, selected = torch.sort(probs, dim=-1, descending=True)
+    mask = sorted_probs.cumsum(-1) > top_p
+    mask = mask & ~torch.nn.functional.one_hot(mask.long().argmax(-1), num_classes=num_experts).bool()
+    selected = selected.masked_fill(mask, -1)
+    expert_mask = torch.stack([(selected == e).transpose(0, 1) for e in range(num_experts)]).float()
+    tokens_per_expert = expert_mask.permute(2, 1, 0).mean(0)  # [slot, expert]
+    return (tokens_per_expert * probs.mean(0).unsqueeze(0)).sum() * num_experts
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 12), experts=st.integers(2, 8), top_p=st.floats(0.05, 1.0), seed=st.integers(0, 2**16))
+def test_top_p_balance_is_moe_peft_dynamic_loss_over_the_mean_expert_count(
+    tokens: int, experts: int, top_p: float, seed: int
+) -> None:
+    """ilora's balance loss under top-p routing normalises the expert shares by the assignments made (so it is 1 at
+    uniform use whatever the number of experts per token); MoE-PEFT's dynamic loss normalises by the tokens. The
+    two differ by the batch's mean number of experts per token, k_mean, which no constant coefficient absorbs."""
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3
+    gates = top_p_gates(torch.softmax(logits, -1), top_p, max_k=experts)  # MoE-PEFT caps at every expert
+    k_mean = (gates.weights != 0).sum() / tokens
+    want = moe_peft_dynamic_balance(logits, top_p) / k_mean
+    torch.testing.assert_close(balance_loss(logits, gates), want, rtol=1e-5, atol=1e-6)
+
+
+def test_top_p_balance_is_one_at_uniform_use() -> None:
+    # Two tokens keep one expert each, two keep two: MoE-PEFT's loss is k_mean = 1.5 here, ilora's 1.
+    logits = torch.tensor([[9.0, 0.0], [0.0, 9.0], [0.0, 0.0], [0.0, 0.0]])
+    gates = top_p_gates(torch.softmax(logits, -1), 0.6, max_k=2)
+    assert (gates.weights != 0).sum(-1).tolist() == [1, 1, 2, 2]
+    assert balance_loss(logits, gates).item() == pytest.approx(1.0)
+    assert moe_peft_dynamic_balance(logits, 0.6).item() == pytest.approx(1.5)
 
 
 def make(routing_options: dict, **extra) -> PeftModel:

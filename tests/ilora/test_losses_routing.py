@@ -146,7 +146,8 @@ def test_existing_losses_unchanged_and_extra_stats_zero_when_off() -> None:
     ({"router_entropy_coef": -1.0}, "router_entropy_coef"),
     ({"localized_balance_coef": float("nan")}, "localized_balance_coef"),
     ({"localized_balance_alpha": 1.0}, "localized_balance_alpha"),
-    ({"num_experts": 3, "num_expert_groups": 2}, "num_expert_groups"),
+    ({"num_experts": 3, "num_expert_groups": 2, "localized_balance_coef": 0.1}, "num_expert_groups"),
+    ({"num_expert_groups": 0}, "num_expert_groups"),
     ({"num_experts": 4, "num_expert_groups": 2, "task_expert_groups": [0, 2]}, "task_expert_groups"),
 ])  # fmt: skip
 def test_invalid_settings_name_the_field(kwargs, field) -> None:

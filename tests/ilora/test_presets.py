@@ -90,7 +90,7 @@ def test_mixlora_matches_the_mixlora_package_where_the_designs_agree() -> None:
     """``MixLoraSparseMoe`` of the ``mixlora`` package (``mixlora/model.py``, LoRA experts ``LoraLinear`` from
     ``mixlora/lora_linear.py``) with experts on ``up_proj`` only, where block-level and per-linear routing are the
     same model (see ``ilora.presets.mixlora``); the balance loss against MoE-PEFT's
-    ``_mixtral_load_balancing_loss_func`` (``moe_peft/modules/mix_lora.py``), coefficient 0.001."""
+    ``_mixtral_load_balancing_loss_func`` (``moe_peft/adapters/mixlora/model.py``), coefficient 0.001."""
     from mixlora.config import MixLoraConfig
     from mixlora.lora_linear import LoraLinear
     from mixlora.model import MixLoraSparseMoe
@@ -124,8 +124,9 @@ def test_mixlora_matches_the_mixlora_package_where_the_designs_agree() -> None:
 
 
 def mola_reference(x: torch.Tensor, layer, top_k: int = 2) -> torch.Tensor:
-    """``MolaSparseMoe.forward`` (``moe_peft/modules/lora_moes.py``, TUDB-Labs/MoE-PEFT): softmax, top-k,
-    renormalised, each expert's LoRA ``B(A(x)) * scaling`` added to the residual, one expert at a time."""
+    """``Linear_MoE.forward`` of the authors' ``src/mola_lora_hacked.py`` (GCYZSL/MoLA; MoE-PEFT's ``MolaSparseMoe``
+    in ``moe_peft/adapters/mola/model.py`` is the same): softmax, top-k, renormalised, each expert's LoRA
+    ``B(A(x)) * scaling`` added to the base output, one expert at a time."""
     A, B, route, scaling = parts(layer)
     flat = x.reshape(-1, x.shape[-1])
     weights = torch.softmax(flat @ route.T, dim=1)
@@ -147,6 +148,40 @@ def test_mola_layer_wise_experts_and_forward() -> None:
         layer = model.base_model.model.model.layers[i].mlp.down_proj
         x = tokens(layer.in_features, seed=i)
         torch.testing.assert_close(layer(x), mola_reference(x, layer), rtol=1e-5, atol=1e-6)
+
+
+def test_mola_numbers_are_the_authors() -> None:
+    """The defaults of ``train`` in the authors' ``mola_training.py`` (GCYZSL/MoLA), transcribed: ``lora_r`` 8 in
+    each of the 32 layers, ``lora_alpha`` 16, ``lora_dropout`` 0.05, ``number_experts`` 2-4-6-8 by eight layers,
+    ``top_k`` 2 everywhere, ``lora_target_modules`` the seven projections."""
+    lora_r, lora_alpha, lora_dropout = [8] * 32, 16, 0.05
+    number_experts, top_k = [2] * 8 + [4] * 8 + [6] * 8 + [8] * 8, [2] * 32
+    targets = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+    cfg = ilora.ILoraConfig.mola()
+    modules = [cfg.for_module(f"model.layers.{i}.mlp.up_proj") for i in range(32)]
+    assert [m.r for m in modules] == lora_r
+    assert {m.lora_alpha for m in modules} == {lora_alpha} and cfg.lora_dropout == lora_dropout
+    assert [m.num_experts for m in modules] == number_experts and [m.top_k for m in modules] == top_k
+    assert sorted(cfg.target_modules) == sorted(targets)
+    assert (cfg.routing, cfg.shared_a, cfg.balance_loss_coef) == ("topk", False, 0.0)
+
+
+def test_localized_balance_groups_are_checked_only_where_the_constraint_runs() -> None:
+    # Off (coefficient 0), the groups are unused: any expert count constructs.
+    assert ilora.ILoraConfig.loramoe(num_experts=3).num_experts == 3
+    with pytest.raises(ValueError, match=r"ILoraConfig\.num_expert_groups: .*num_experts=3 is not a multiple of "
+                                         r"num_expert_groups=2.*localized_balance_coef=0"):  # fmt: skip
+        ilora.ILoraConfig.loramoe(num_experts=3, localized_balance_coef=0.1)
+    with pytest.raises(ValueError, match=r"ILoraConfig\.localized_balance_coef: has no effect with num_experts=1"):
+        ilora.ILoraConfig(num_experts=1, localized_balance_coef=0.1)
+    # A one-expert (plain LoRA) module under a pattern simply has no localized loss; the others keep theirs.
+    model = adapted("loramoe", localized_balance_coef=0.1, localized_balance_alpha=0.1,
+                    num_experts_pattern={"gate_proj": 1}).train()  # fmt: skip
+    ids = example_input("llama")
+    model(**ids, ilora_task_ids=[1, 0])
+    stats = {layer.ilora_name.rsplit(".", 1)[-1]: "default" in layer.aux_stats for layer in ilora.ilora_layers(model)}
+    assert stats == {"gate_proj": False, "up_proj": True, "down_proj": True}
+    assert ilora.aux_loss(model) > 0
 
 
 def test_mixlora_attention_is_plain_lora() -> None:

@@ -8,19 +8,20 @@ mode is ``"frozen"``, ``"ilora"`` (the part gets the run's adapter: I-LoRA, or p
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from peft import LoraConfig
 from torch import nn
+
+import ilora
 
 PartMode = Literal["frozen", "ilora", "full"]
 AdapterKind = Literal["ilora", "lora", "none"]
 PART_MODES = ("frozen", "ilora", "full")
-
-CRAB_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The authors' suffix targets (both papers): matched against the whole model's module paths."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ VOCAB_MODULES = ("embed_tokens", "lm_head")
 
 @dataclass
 class AdapterSettings:
-    """Adapter hyperparameters; ``None`` keeps the preset's value (Crab+: r 128, alpha 256, dropout 0.1, 3 experts)."""
+    """Adapter hyperparameters; ``None`` keeps the preset's value (``ilora.presets.crabplus`` / ``crab``: targets,
+    r, alpha, dropout, experts)."""
 
     preset: Literal["crabplus", "crab"] = "crabplus"
     r: int | None = None
@@ -84,34 +86,26 @@ def peft_config_for(parts: tuple[Part, ...], modes: Mapping[str, str], adapter: 
     if settings.train_vocab:
         to_save += [n for n in VOCAB_MODULES if n not in to_save]
     to_save = to_save or None
-    common = dict(target_modules=list(CRAB_TARGETS), exclude_modules=exclude, modules_to_save=to_save)
-    hyper = {
-        k: v
-        for k, v in dict(
-            r=settings.r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            num_experts=settings.num_experts,
-        ).items()
-        if v is not None
-    }
-    if adapter == "ilora":
-        import ilora
+    hyper = dict(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                 num_experts=settings.num_experts)  # fmt: skip
+    hyper = {k: v for k, v in hyper.items() if v is not None}
+    if adapter not in ("ilora", "lora"):
+        raise ValueError(f"adapter must be 'ilora', 'lora' or 'none', got {adapter!r}")
+    if adapter == "lora" and (settings.extra or "num_experts" in hyper):
+        raise ValueError("plain LoRA takes r, lora_alpha and lora_dropout only (got num_experts or extra fields)")
+    # The preset's record (targets and numbers from ilora), restricted to the adapted parts.
+    preset = getattr(ilora.ILoraConfig, settings.preset)
+    config = preset(exclude_modules=exclude, modules_to_save=to_save, **hyper, **settings.extra)
+    return config if adapter == "ilora" else lora_baseline(config)
 
-        preset = getattr(ilora.ILoraConfig, settings.preset)
-        return preset(**common, **hyper, **settings.extra)
-    if adapter == "lora":
-        from peft import LoraConfig
 
-        if settings.extra or "num_experts" in hyper:
-            raise ValueError("plain LoRA takes r, lora_alpha and lora_dropout only (got num_experts or extra fields)")
-        # The same preset hyperparameters as I-LoRA, so the baseline differs only by the routed experts.
-        base = {
-            "crabplus": dict(r=128, lora_alpha=256, lora_dropout=0.1),
-            "crab": dict(r=8, lora_alpha=16, lora_dropout=0.05),
-        }
-        return LoraConfig(**common, **{**base[settings.preset], **hyper})
-    raise ValueError(f"adapter must be 'ilora', 'lora' or 'none', got {adapter!r}")
+def lora_baseline(config: ilora.ILoraConfig) -> LoraConfig:
+    """The plain-LoRA baseline of ``config``: a ``LoraConfig`` with every field the two configs share taken from it
+    (r, alpha, dropout, rsLoRA, rank and alpha patterns, targets, exclusions, modules_to_save, ...), so the baseline
+    differs from the routed adapter only by the routing; PEFT's own fields (type, version) stay LoRA's."""
+    own = {"peft_type", "peft_version", "auto_mapping"}
+    shared = {f.name for f in dataclasses.fields(LoraConfig)} & {f.name for f in dataclasses.fields(config)} - own
+    return LoraConfig(**{name: getattr(config, name) for name in sorted(shared)})
 
 
 def apply_trainability(

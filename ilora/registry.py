@@ -6,7 +6,7 @@ Two kinds of part, each with a small interface:
   an ``nn.Module`` whose ``forward(x)`` takes the routed layer's input ``x [..., d_in]`` and returns logits
   ``[T, num_experts]`` in at least float32, ``T = prod(x.shape[:-1])`` (one row per token of the flattened input).
   Its parameters and buffers are the adapter's ``ilora_router`` entries: saved, loaded and trained with it.
-  Per-call inputs (task ids, the attention mask) come from ``ilora.context.call_state()``.
+  Per-call inputs (task ids, the router signal, the attention mask) come from ``ilora.context.current_call()``.
 - **Gate** (``ILoraConfig.routing``): a class ``GateClass(config)`` whose instances are called as
   ``gate(logits, training)`` with the router's logits ``[T, E]`` (at least float32) and return an
   ``ilora.router.Gates``: dense weights ``[T, E]`` (every expert computed), or top-k ``weights`` and ``indices``

@@ -273,3 +273,15 @@ def test_saved_and_loaded_in_a_fresh_process(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "got.pt", weights_only=True)
     torch.testing.assert_close(got, torch.load(tmp_path / "expected.pt", weights_only=True), rtol=0, atol=0)
+
+
+def test_export_averages_a_follower_by_its_leaders_routing() -> None:
+    """The recorder holds the group's routing once, under its leader; exact export for constant routing."""
+    pm = make().eval()
+    for layer in ilora.ilora_layers(pm):
+        if "default" in layer.ilora_router:  # leaders (and ungrouped layers): every token gets the same mixture
+            torch.nn.init.zeros_(layer.ilora_router["default"].weight)
+    calibration = [example_input("llama", seed=10 + i) for i in range(2)]
+    export = ilora.export_to_lora(pm, calibration, example_input("llama", seed=99))
+    assert "model.layers.0.self_attn.k_proj" in export.config.target_modules
+    assert export.relative_error < 1e-5

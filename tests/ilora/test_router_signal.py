@@ -218,3 +218,26 @@ def test_concurrent_calls_from_threads_keep_their_own_signal() -> None:
         )
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("trainer_cls", ["Trainer", "ILoraTrainer"])
+def test_signal_column_survives_remove_unused_columns_or_the_error_says_what_to_set(tmp_path, trainer_cls) -> None:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(1, 64, (6,), generator=g).tolist() for _ in range(4)]
+    signals = [torch.randn(6, D_SIGNAL, generator=g).tolist() for _ in range(4)]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids, "ilora_router_inputs": signals})
+    model = make()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no")  # fmt: skip
+    trainer = (Trainer if trainer_cls == "Trainer" else ilora.ILoraTrainer)(model=model, args=args, train_dataset=data)
+    if trainer_cls == "Trainer":
+        with pytest.raises(ValueError, match=r"remove_unused_columns=False"):
+            trainer.train()
+        return
+    router = ilora.ilora_layers(model)[0].ilora_router["default"].weight
+    before = router.detach().clone()
+    trainer.train()
+    assert not torch.equal(router.detach(), before)

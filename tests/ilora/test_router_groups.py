@@ -67,7 +67,7 @@ def reference_logits(router: str, layer, x: torch.Tensor) -> torch.Tensor:
     ({"router_groups": ["q_proj"]}, r"must map group names to lists of distinct module names"),
     ({"router_groups": {"attn": []}}, r"must map group names"),
     ({"router_groups": {"attn": ["q_proj", "q_proj"]}}, r"must map group names"),
-    ({"router_groups": {"a": ["q_proj", "k_proj"], "b": ["k_proj"]}}, r"names \['k_proj'\] are in several groups"),
+    ({"router_groups": {"a": ["q_proj", "k_proj"], "b": ["k_proj"]}}, r"module names \['k_proj'\] are in several"),
 ])  # fmt: skip
 def test_invalid_groups_name_the_field(kwargs, match) -> None:
     with pytest.raises(ValueError, match=rf"ILoraConfig\.router_groups: {match}"):

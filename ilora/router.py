@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import ROUTER_INPUTS_KWARG, current_call, segment_ids, token_mask
+from .context import ROUTER_INPUTS_KWARG, TASK_IDS_KWARG, current_call, segment_ids, token_mask
 
 
 def routing_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -104,6 +104,15 @@ class SequenceRouter(TokenRouter):
         return logits.repeat_interleave(seq, dim=0)
 
 
+def trainer_column_hint(kwarg: str) -> str:
+    """How a Trainer user keeps the dataset column ``kwarg`` that a router reads from the call."""
+    return (
+        f"Training with transformers' Trainer (or TRL's)? Its remove_unused_columns=True drops an '{kwarg}' dataset "
+        "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
+        "TrainingArguments(remove_unused_columns=False)"
+    )
+
+
 class TaskRouter(nn.Module):
     """A learned logit table ``weight [num_tasks, E]`` indexed by the task ids of the current call."""
 
@@ -121,10 +130,8 @@ class TaskRouter(nn.Module):
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "
-                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...). Training with "
-                "transformers' Trainer (or TRL's)? Its remove_unused_columns=True drops an 'ilora_task_ids' dataset "
-                "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
-                "TrainingArguments(remove_unused_columns=False)"
+                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...). "
+                + trainer_column_hint(TASK_IDS_KWARG)
             )
         rows = self.task_logits(ids)
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]
@@ -179,10 +186,7 @@ def signal_rows(x: torch.Tensor, d_signal: int) -> torch.Tensor:
         raise ValueError(
             f"this adapter routes by a signal (router='signal') but none was given: pass {ROUTER_INPUTS_KWARG}=... "
             f"[batch, seq, {d_signal}] to the model's forward (or generate), or wrap the call in "
-            "ilora.routing_context(router_inputs=...). Training with transformers' Trainer (or TRL's)? Its "
-            f"remove_unused_columns=True drops an '{ROUTER_INPUTS_KWARG}' dataset column: use ilora.ILoraTrainer (or "
-            "AuxLossMixin on your Trainer subclass), which keeps it, or set "
-            "TrainingArguments(remove_unused_columns=False)"
+            "ilora.routing_context(router_inputs=...). " + trainer_column_hint(ROUTER_INPUTS_KWARG)
         )
     tokens = math.prod(x.shape[:-1])
     if signal.shape[-1] != d_signal:

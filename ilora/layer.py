@@ -277,7 +277,7 @@ class Linear(nn.Module, ILoraLayer):
         gates = apply_gate(config, logits, self.training)
         self._record_routing(name, x, logits, gates)
         if name in self.router_followers:
-            share_group_gates((id(self), name), (logits.shape[0], gates))
+            share_group_gates((id(self), name), (x.shape[:-1], gates))
         return gates
 
     def _follow(self, name: str, leader: ILoraLayer, x: torch.Tensor) -> Gates:
@@ -291,11 +291,12 @@ class Linear(nn.Module, ILoraLayer):
                 "that the first one runs first, and call the model, not the layer alone"
             )
         tokens, gates = shared
-        if tokens != math.prod(x.shape[:-1]):
+        if tokens != x.shape[:-1]:
             raise ValueError(
                 f"{group}: {self.ilora_name} got an input of shape {tuple(x.shape)}, {math.prod(x.shape[:-1])} tokens, "
-                f"but its leader {leader.ilora_name} routed {tokens} tokens in this call: a group's modules must see "
-                "the same tokens; leave this module out of the group"
+                f"but its leader {leader.ilora_name} routed tokens of shape {tuple(tokens)} in this call: a group's "
+                "modules must see the same tokens (not, say, cross-attention's keys over another sequence); leave this "
+                "module out of the group"
             )
         return gates
 

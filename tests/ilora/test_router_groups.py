@@ -173,21 +173,27 @@ def test_a_follower_running_before_its_leader_is_refused() -> None:
 
 
 class Shifted(nn.Module):
-    """``b`` sees one token less than ``a``: they cannot share routing."""
+    """``b`` sees other tokens than ``a`` (one less, or as many laid out otherwise): they cannot share routing."""
 
-    def __init__(self) -> None:
+    def __init__(self, transposed: bool) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.a, self.b, self.transposed = nn.Linear(6, 6), nn.Linear(6, 6), transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return self.a(x) + self.b(x.transpose(0, 1)).transpose(0, 1)
         return self.a(x)[:, 1:] + self.b(x[:, 1:])
 
 
-def test_followers_of_other_token_counts_and_mismatched_groups_are_refused() -> None:
+@pytest.mark.parametrize(("transposed", "shape"), [
+    (False, r"\(2, 4, 6\), 8 tokens"),
+    (True, r"\(5, 2, 6\), 10 tokens"),  # as many tokens, in another layout
+])  # fmt: skip
+def test_followers_of_other_tokens_and_mismatched_groups_are_refused(transposed: bool, shape: str) -> None:
     cfg = ilora.ILoraConfig(target_modules=["a", "b"], router_groups={"g": ["a", "b"]})
-    with pytest.raises(ValueError, match=r"router group 'g'.*b got an input of shape \(2, 4, 6\), 8 tokens, but its "
-                                         r"leader a routed 10 tokens"):  # fmt: skip
-        get_peft_model(Shifted(), cfg)(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match=rf"router group 'g'.*b got an input of shape {shape}, but its "
+                                         r"leader a routed tokens of shape \(2, 5\)"):  # fmt: skip
+        get_peft_model(Shifted(transposed), cfg)(torch.randn(2, 5, 6))
     with pytest.raises(ValueError, match=r"group 'attn' shares one router between .*q_proj \(4 experts, top_k 2\) "
                                          r"and .*k_proj \(2, top_k 2\)"):  # fmt: skip
         make(num_experts_pattern={"k_proj": 2})

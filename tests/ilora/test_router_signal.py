@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 
 import ilora
@@ -241,3 +243,39 @@ def test_signal_column_survives_remove_unused_columns_or_the_error_says_what_to_
     before = router.detach().clone()
     trainer.train()
     assert not torch.equal(router.detach(), before)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 5),
+    past=st.integers(0, 6),
+    extra=st.integers(-3, 4),
+    generating=st.booleans(),
+)
+def test_the_rows_rule_uses_the_stated_rows_or_refuses(batch, seq, past, extra, generating) -> None:
+    """Any signal length: the rows ``SignalRouter`` states for this call, or ``ValueError``; nothing in between."""
+    from torch import nn
+
+    from ilora import context
+    from ilora.router import signal_rows
+
+    n = max(1, past + seq + extra)
+    sig = torch.arange(batch * n * D_SIGNAL, dtype=torch.float32).reshape(batch, n, D_SIGNAL)
+    x = torch.zeros(batch, seq, 8)
+    owner = nn.Module()
+    if generating:
+        expected = sig[:, past : past + seq] if n >= past + seq else None
+    else:
+        expected = sig[:, n - seq :] if n in (seq, past + seq) else None
+    with ilora.routing_context(generating=generating):
+        context.enter_call(owner, past_length=past, router_inputs=sig)
+        try:
+            if expected is None:
+                named = rf"shape \({batch}, {n}, 3\) does not line up.*\({batch}, {seq}, 8\)"
+                with pytest.raises(ValueError, match=named):
+                    signal_rows(x, D_SIGNAL)
+            else:
+                torch.testing.assert_close(signal_rows(x, D_SIGNAL), expected.reshape(-1, D_SIGNAL), rtol=0, atol=0)
+        finally:
+            context.exit_call(owner)

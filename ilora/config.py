@@ -73,7 +73,7 @@ def _check_pattern(field_name: str, pattern: Any, what: str, valid: Callable[[An
 CRAB_TARGETS = presets.CRAB_TARGETS
 PATTERNED_FIELDS = ("r", "lora_alpha", "num_experts")  # set per module by rank_, alpha_ and num_experts_pattern
 
-Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token" or a user's
+Router = str  # a router registered in ilora.registry: "token", "sequence", "task", "noisy_token", "signal", a user's
 Routing = str  # a gate registered in ilora.registry: "soft", "topk", "top_p" or a user's
 KernelChoice = Literal["auto", "torch", "triton"]
 
@@ -225,6 +225,22 @@ class ILoraConfig(PeftConfig):
             "first match wins), e.g. {'q_proj': 1} or {r'layers\\.0\\..*': 2}; top_k is capped at each count."
         },
     )
+    # Router input and scope (ilora.router.SignalRouter, README "Routing parts"), appended so older configs load.
+    router_signal_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "router='signal': width of the per-token signal passed as ilora_router_inputs= [batch, seq, "
+            "router_signal_dim] (or ilora.routing_context(router_inputs=...)), projected by the router."
+        },
+    )
+    router_groups: dict[str, list[str]] | None = field(
+        default=None,
+        metadata={
+            "help": "Groups of module names whose modules in one block (same path prefix) share ONE router, e.g. "
+            "{'attn': ['q_proj', 'k_proj', 'v_proj']}: the first adapted member (list them in call order) holds the "
+            "router and routes on its input; the others reuse its gates of the same call."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,6 +249,7 @@ class ILoraConfig(PeftConfig):
         self._validate_routing()
         self._validate_targets()
         self._validate_patterns()
+        self._validate_router_scope()
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -308,6 +325,29 @@ class ILoraConfig(PeftConfig):
             raise _bad("layers_pattern", "cannot be used when target_modules is a regex string")
         if self.layers_pattern and layers is None:
             raise _bad("layers_pattern", "only makes sense together with layers_to_transform")
+
+    def _validate_router_scope(self) -> None:
+        """``router_signal_dim`` (with ``router='signal'`` only) and ``router_groups``."""
+        dim = self.router_signal_dim
+        if self.router == "signal" and not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
+            raise _bad("router_signal_dim", f"router='signal' needs the signal's width (an int >= 1), got {dim!r}")
+        if self.router != "signal" and dim is not None:
+            raise _bad("router_signal_dim", f"only used with router='signal' (router={self.router!r}); leave it unset")
+        if self.router == "signal" and self.router_jitter_noise:
+            raise _bad("router_jitter_noise", "jitters the layer input, which router='signal' never reads: set 0")
+        groups = self.router_groups
+        if groups is None:
+            return
+        if not (
+            isinstance(groups, dict)
+            and all(isinstance(k, str) and _all_str(v) and v and len(set(v)) == len(v) for k, v in groups.items())
+        ):
+            raise _bad("router_groups", f"must map group names to lists of distinct module names, got {groups!r}")
+        members = [m for names in groups.values() for m in names]
+        twice = sorted({m for m in members if members.count(m) > 1})
+        if twice:
+            raise _bad("router_groups", f"module names {twice} are in several groups; a module has one router")
+        self.router_groups = {k: list(v) for k, v in groups.items()}
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's ``save_pretrained`` (``adapter_config.json``), plus a model card section saying how to load the

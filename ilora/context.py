@@ -1,4 +1,5 @@
-"""Per-call routing state: task ids, the attention mask, the routing recorder and a generation's sequence gates.
+"""Per-call routing state: task ids, router signals, the attention mask, the routing recorder, a generation's sequence
+gates and the gates a router group's leader hands its followers.
 
 Routed layers sit deep inside models whose code we do not own, so what a router needs besides its input (task ids,
 which tokens are padding) reaches them as the state of the call being computed. It lives in context variables
@@ -71,12 +72,15 @@ class RoutingRecorder:
 
 @dataclass(frozen=True)
 class CallState:
-    """The routing state of one call: ``task_ids [batch]`` (or one id), ``attention_mask [batch, seq]``,
+    """The routing state of one call: ``task_ids [batch]`` (or one id), ``router_inputs`` (the signal of
+    ``router="signal"``, ``[batch, seq, d_signal]`` or ``[tokens, d_signal]``), ``attention_mask [batch, seq]``,
     ``position_ids [batch | 1, seq]`` (a packed batch restarts them at 0 at each sequence it holds).
 
     ``sequence_gates`` maps a sequence router to the logits it chose on a generation's prompt; ``reuse_sequence_gates``
-    is set on cached decode steps, which keep them. ``module`` is the model whose call set this state and ``parent``
-    the state to restore when that call returns.
+    is set on cached decode steps, which keep them; ``past_length`` is the number of cached tokens before this call's
+    and ``generating`` is set inside ``ILoraModel.generate``. ``group_gates`` holds the gates a router group's leader
+    computed in this call, for its followers (see ``share_group_gates``). ``module`` is the model whose call set this
+    state and ``parent`` the state to restore when that call returns.
     """
 
     task_ids: torch.Tensor | None = None
@@ -86,6 +90,10 @@ class CallState:
     reuse_sequence_gates: bool = False
     module: nn.Module | None = None
     parent: CallState | None = None
+    router_inputs: torch.Tensor | None = None
+    past_length: int = 0
+    generating: bool = False
+    group_gates: dict[tuple[int, str], Any] | None = None
 
 
 # The default is frozen and holds no container: nothing can mutate it.
@@ -154,9 +162,13 @@ def _bind(state: CallState, grad: torch.Tensor) -> None:
         bound = _BOUND[gid]
     if bound is _CONFLICT or bound is state:
         return
-    if not all(_same(getattr(bound, f), getattr(state, f)) for f in ("task_ids", "attention_mask", "position_ids")):
+    if not all(_same(getattr(bound, f), getattr(state, f)) for f in _PER_CALL_INPUTS):
         with _BOUND_LOCK:
             _BOUND[gid] = _CONFLICT
+
+
+# The inputs of a call that a recomputed layer must see as they were in its forward.
+_PER_CALL_INPUTS = ("task_ids", "router_inputs", "attention_mask", "position_ids")
 
 
 def _unbind(gid: int) -> None:
@@ -186,6 +198,8 @@ def bind_for_backward(outputs: Any, state: CallState | None = None) -> None:
 
 # The forward keyword that carries task ids into a model wrapped by PEFT (``model(**batch, ilora_task_ids=ids)``).
 TASK_IDS_KWARG = "ilora_task_ids"
+# The forward keyword that carries the signal of ``router="signal"`` (``model(**batch, ilora_router_inputs=s)``).
+ROUTER_INPUTS_KWARG = "ilora_router_inputs"
 
 
 def as_task_tensor(task_ids: int | torch.Tensor | list[int]) -> torch.Tensor:
@@ -200,14 +214,18 @@ def enter_call(
     module: nn.Module,
     task_ids: Any = None,
     attention_mask: Any = None,
-    decoding: bool = False,
+    past_length: int = 0,
     position_ids: Any = None,
+    router_inputs: Any = None,
 ) -> None:
-    """Start a call of ``module``: its task ids, mask and position ids (inherited from the enclosing call when not
-    given); a call that is not a cached decode step starts a new generation's sequence gates. End it with
-    ``exit_call``."""
+    """Start a call of ``module``: its task ids, router signal, mask and position ids (inherited from the enclosing
+    call when not given) after ``past_length`` cached tokens; a call that is not a cached decode step
+    (``past_length == 0``) starts a new generation's sequence gates. Every call starts with no router group gates.
+    End it with ``exit_call``."""
     ids = None if task_ids is None else as_task_tensor(task_ids)
+    signal = None if router_inputs is None else as_router_inputs(router_inputs)
     outer = _CALL.get()
+    decoding = past_length > 0
     gates = _GENERATION.get() if decoding else None
     if gates is None:
         gates = {}
@@ -217,6 +235,8 @@ def enter_call(
         attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
         position_ids=outer.position_ids if position_ids is None else position_ids,
         sequence_gates=gates, reuse_sequence_gates=decoding, module=module, parent=outer,
+        router_inputs=outer.router_inputs if signal is None else signal, past_length=past_length,
+        generating=outer.generating, group_gates={},
     ))  # fmt: skip
 
 
@@ -227,6 +247,21 @@ def exit_call(module: nn.Module) -> CallState | None:
         return None
     _CALL.set(state.parent)
     return state
+
+
+def share_group_gates(key: tuple[int, str], value: Any) -> None:
+    """Hand ``value`` (a router group leader's gates of this call) to the group's followers: kept in the current
+    call's state, so every call (each decode step included) starts without it, and a checkpointed block recomputed
+    in backward replaces it with its recomputed gates before its followers run again. No-op outside a model call."""
+    shared = current_call().group_gates
+    if shared is not None:
+        shared[key] = value
+
+
+def shared_group_gates(key: tuple[int, str]) -> Any:
+    """What ``share_group_gates`` stored under ``key`` in the current call, or None."""
+    shared = current_call().group_gates
+    return None if shared is None else shared.get(key)
 
 
 def token_mask(batch: int, seq: int) -> torch.Tensor | None:
@@ -278,14 +313,36 @@ def segment_ids(batch: int, seq: int, device: torch.device) -> torch.Tensor | No
     return (starts.long().cumsum(1) - 1).clamp_min(0).expand(batch, seq)
 
 
+def as_router_inputs(router_inputs: Any) -> torch.Tensor:
+    """The router signal as a tensor, ``[batch, seq, d_signal]`` or ``[tokens, d_signal]`` floats; ``TypeError`` for
+    another dtype, ``ValueError`` for another rank."""
+    t = torch.as_tensor(router_inputs)
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{ROUTER_INPUTS_KWARG} must be a floating-point tensor [batch, seq, d_signal] or [tokens, d_signal], got "
+            f"dtype {t.dtype}: convert it, e.g. signal.float()"
+        )
+    if t.dim() not in (2, 3):
+        raise ValueError(
+            f"{ROUTER_INPUTS_KWARG} must be [batch, seq, d_signal] or [tokens, d_signal], got shape {tuple(t.shape)}"
+        )
+    return t
+
+
 @contextlib.contextmanager
 def routing_context(
-    task_ids: int | torch.Tensor | list[int] | None = None, attention_mask: torch.Tensor | None = None
+    task_ids: int | torch.Tensor | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    router_inputs: torch.Tensor | None = None,
+    *,
+    generating: bool | None = None,
 ) -> Iterator[None]:
-    """Give every routed layer the task ids (``[batch]`` or one int for all) and/or attention mask of the calls made
-    inside, in this thread or task only.
+    """Give every routed layer the task ids (``[batch]`` or one int for all), router signal (``router="signal"``,
+    ``[batch, seq, d_signal]`` or ``[tokens, d_signal]``) and/or attention mask of the calls made inside, in this
+    thread or task only.
 
-    Use it around ``model.generate(...)`` or any call that cannot take an ``ilora_task_ids=`` keyword.
+    Use it around ``model.generate(...)`` or any call that cannot take an ``ilora_task_ids=`` /
+    ``ilora_router_inputs=`` keyword. ``generating`` is set by ``ILoraModel.generate`` (see ``SignalRouter``).
     """
     outer = _CALL.get()
     token = _CALL.set(CallState(
@@ -293,6 +350,9 @@ def routing_context(
         attention_mask=outer.attention_mask if attention_mask is None else attention_mask,
         position_ids=outer.position_ids, sequence_gates=outer.sequence_gates,
         reuse_sequence_gates=outer.reuse_sequence_gates, module=outer.module, parent=outer.parent,
+        router_inputs=outer.router_inputs if router_inputs is None else as_router_inputs(router_inputs),
+        past_length=outer.past_length, generating=outer.generating if generating is None else generating,
+        group_gates=outer.group_gates,
     ))  # fmt: skip
     try:
         yield

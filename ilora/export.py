@@ -82,9 +82,10 @@ def export_to_lora(
     state_dict: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for layer in layers:
-        if layer.ilora_name not in usage:
-            raise ValueError(f"calibration batches never reached {layer.ilora_name}: cannot average its router")
-        lora_A, lora_B = _layer_to_lora(layer, adapter_name, usage[layer.ilora_name], method, rank)
+        routed_by = layer.router_leader.get(adapter_name, layer).ilora_name  # a router group's leader records for it
+        if routed_by not in usage:
+            raise ValueError(f"calibration batches never reached {routed_by}: cannot average its router")
+        lora_A, lora_B = _layer_to_lora(layer, adapter_name, usage[routed_by], method, rank)
         ranks[layer.ilora_name] = lora_A.shape[0]
         key = f"base_model.model.{layer.ilora_name}"
         state_dict[f"{key}.lora_A.weight"] = lora_A

@@ -16,7 +16,15 @@ from torch import nn
 
 from .aux_losses import has_aux_loss, layer_stats
 from .config import ILoraConfig
-from .context import bind_for_backward, call_state, current_recorder, padding_mask_for, recomputing
+from .context import (
+    bind_for_backward,
+    call_state,
+    current_recorder,
+    padding_mask_for,
+    recomputing,
+    share_group_gates,
+    shared_group_gates,
+)
 from .gates import jitter
 from .paths import add_routed_lora
 from .quantized import compute_dtype, weight_backend
@@ -55,6 +63,11 @@ class ILoraLayer(BaseTunerLayer):
         # Adapters whose ``aux_stats`` an ``aux_loss`` call has read since they were stored.
         self.aux_stats_read: set[str] = set()
         self.ilora_name = ""  # module path, set by ILoraModel; used in errors and by the routing recorder
+        # Router groups (ILoraConfig.router_groups, see ``link_router_groups``), per adapter: a follower's leader (the
+        # layer holding the group's router), a leader's followers' names, and the group's name.
+        self.router_leader: dict[str, ILoraLayer] = {}
+        self.router_followers: dict[str, list[str]] = {}
+        self.router_group: dict[str, str] = {}
 
     def update_layer(self, adapter_name: str, config: ILoraConfig) -> None:
         """Create (or re-create) the experts and router of ``adapter_name``."""
@@ -105,7 +118,8 @@ class ILoraLayer(BaseTunerLayer):
                     f"adapter {adapter_name!r} routes by task: merging folds in one task's experts, so pass a single "
                     "task id, e.g. model.merge_and_unload(task_id=2) or ilora.routing_context(task_ids=2)"
                 )
-            logits = self.ilora_router[adapter_name].task_logits(ids.to(self.ilora_A[adapter_name].device))
+            router = self.router_of(adapter_name)
+            logits = router.task_logits(ids.to(self.ilora_A[adapter_name].device))
             return apply_gate(config, logits, training=False).to_dense(config.num_experts)[0]
         raise MergeNotSupportedError(
             f"adapter {adapter_name!r} uses {config.router} routing: its update depends on each input, so it cannot "
@@ -113,6 +127,11 @@ class ILoraLayer(BaseTunerLayer):
             "ilora.export_to_lora(...) (router-averaged or SVD-truncated, error measured), see README 'Export', or "
             "merge only the other adapters with merge_adapter(adapter_names=[...]): this one keeps running beside them."
         )
+
+    def router_of(self, adapter_name: str) -> nn.Module:
+        """The router ``adapter_name`` routes this layer with: its own, or its router group leader's."""
+        leader = self.router_leader.get(adapter_name)
+        return (self if leader is None else leader).ilora_router[adapter_name]
 
     def get_delta_weight(self, adapter_name: str, gates: torch.Tensor | None = None) -> torch.Tensor:
         """``[d_out, d_in]`` update of the base weight for fixed routing weights (``nn.Linear`` layout), in float32
@@ -246,14 +265,45 @@ class Linear(nn.Module, ILoraLayer):
         held = self.aux_stats.get(name)
         return not stats.requires_grad and held is not None and held.requires_grad and name not in self.aux_stats_read
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _route(self, name: str, x: torch.Tensor) -> Gates:
+        """This call's gates of adapter ``name``: from its router, or, in a router group's follower, its leader's."""
+        leader = self.router_leader.get(name)
+        if leader is not None:
+            return self._follow(name, leader, x)
         config = self.ilora_config[name]
-        A, B = self.ilora_A[name], self.ilora_B[name]
         logits = self.ilora_router[name](jitter(x, config.router_jitter_noise, self.training))
         if config.check_router_logits and not torch.compiler.is_compiling():
             check_finite(logits, self.ilora_name)
         gates = apply_gate(config, logits, self.training)
         self._record_routing(name, x, logits, gates)
+        if name in self.router_followers:
+            share_group_gates((id(self), name), (x.shape[:-1], gates))
+        return gates
+
+    def _follow(self, name: str, leader: ILoraLayer, x: torch.Tensor) -> Gates:
+        """The gates the group's leader computed in this call (its statistics and recording stand for the group)."""
+        group = f"router group {self.router_group[name]!r} of adapter {name!r}"
+        shared = shared_group_gates((id(leader), name))
+        if shared is None:
+            raise RuntimeError(
+                f"{group}: {self.ilora_name} ran before {leader.ilora_name}, whose router it shares, in this call (or "
+                "outside a call of the PEFT model): list the group's modules in the order the block calls them, so "
+                "that the first one runs first, and call the model, not the layer alone"
+            )
+        tokens, gates = shared
+        if tokens != x.shape[:-1]:
+            raise ValueError(
+                f"{group}: {self.ilora_name} got an input of shape {tuple(x.shape)}, {math.prod(x.shape[:-1])} tokens, "
+                f"but its leader {leader.ilora_name} routed tokens of shape {tuple(tokens)} in this call: a group's "
+                "modules must see the same tokens (not, say, cross-attention's keys over another sequence); leave this "
+                "module out of the group"
+            )
+        return gates
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        config = self.ilora_config[name]
+        A, B = self.ilora_A[name], self.ilora_B[name]
+        gates = self._route(name, x)
 
         if config.dropout_per_expert and config.lora_dropout and self.training:
             x2 = self._per_expert_dropout(name, x)
@@ -275,10 +325,67 @@ class Linear(nn.Module, ILoraLayer):
 def _refuse_partial_adapter(module: ILoraLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """A checkpoint holding only some of an adapter's tensors (say, no router) would load silently half-trained."""
     for name in module.ilora_A:
-        router_keys = [f"{prefix}ilora_router.{name}.{k}" for k in module.ilora_router[name].state_dict()]
+        router = module.ilora_router[name] if name in module.ilora_router else nn.Module()  # a group's follower: none
+        router_keys = [f"{prefix}ilora_router.{name}.{k}" for k in router.state_dict()]
         keys = (f"{prefix}ilora_A.{name}", f"{prefix}ilora_B.{name}", *router_keys)
         missing = [k for k in keys if k not in state_dict]
         if missing and len(missing) < len(keys):
             raise KeyError(
                 f"checkpoint of ilora adapter {name!r} for {module.ilora_name} is incomplete: missing {missing}"
             )
+
+
+def group_member(path: str, groups: dict[str, list[str]]) -> tuple[str, int, str] | None:
+    """``(group, member index, block prefix)`` of the module at ``path`` in ``ILoraConfig.router_groups``: a member
+    matches a path equal to it or ending in ``"." + member``; the prefix is the path before it. ``ValueError`` when
+    two members match one path."""
+    found = [
+        (group, i, path[: len(path) - len(member)].rstrip("."))
+        for group, members in groups.items()
+        for i, member in enumerate(members)
+        if path == member or path.endswith("." + member)
+    ]
+    if len(found) > 1:
+        raise ValueError(f"ILoraConfig.router_groups: module {path!r} matches several members {found}; name it once")
+    return found[0] if found else None
+
+
+def link_router_groups(layers: list[ILoraLayer], adapter_name: str, groups: dict[str, list[str]] | None) -> None:
+    """Make the layers of each router group in each block (same path prefix) share one router for ``adapter_name``.
+
+    The group's first member (in ``router_groups`` order) among the adapted modules of a block is the leader: it
+    keeps its router (the only ``ilora_router.<adapter>`` entry of the group in the state dict); each other member (a
+    follower) has its router removed and reuses the leader's gates of the same call. ``ValueError`` for a member
+    that matches no adapted module, or members of one group with different expert counts or ``top_k``.
+    """
+    blocks: dict[tuple[str, str], list[tuple[int, ILoraLayer]]] = {}
+    matched: set[tuple[str, int]] = set()
+    for layer in layers:
+        for role in (layer.router_leader, layer.router_followers, layer.router_group):
+            role.pop(adapter_name, None)
+        member = group_member(layer.ilora_name, groups or {}) if adapter_name in layer.ilora_A else None
+        if member is not None:
+            group, index, prefix = member
+            matched.add((group, index))
+            blocks.setdefault((group, prefix), []).append((index, layer))
+    unmatched = [m for g, ms in (groups or {}).items() for i, m in enumerate(ms) if (g, i) not in matched]
+    if unmatched:
+        raise ValueError(f"ILoraConfig.router_groups: members {unmatched} match no adapted module of this model: "
+                         "name modules adapted by target_modules (module name or path suffix)")  # fmt: skip
+    for (group, _), members in blocks.items():
+        (_, leader), *followers = sorted(members, key=lambda pair: pair[0])
+        config = leader.ilora_config[adapter_name]
+        leader.router_group[adapter_name] = group
+        leader.router_followers[adapter_name] = [f.ilora_name for _, f in followers]
+        for _, follower in followers:
+            other = follower.ilora_config[adapter_name]
+            if (other.num_experts, other.top_k) != (config.num_experts, config.top_k):
+                raise ValueError(
+                    f"ILoraConfig.router_groups: group {group!r} shares one router between {leader.ilora_name} "
+                    f"({config.num_experts} experts, top_k {config.top_k}) and {follower.ilora_name} "
+                    f"({other.num_experts}, top_k {other.top_k}): give a group's modules the same expert counts"
+                )
+            follower.router_leader[adapter_name] = leader
+            follower.router_group[adapter_name] = group
+            if adapter_name in follower.ilora_router:
+                del follower.ilora_router[adapter_name]

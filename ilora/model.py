@@ -23,8 +23,8 @@ from torch import nn
 from . import context, losses
 from ._peft import PREFIX, base_tuner_has
 from .config import ILoraConfig
-from .context import TASK_IDS_KWARG, routing_context
-from .layer import ILoraLayer, Linear, MergeNotSupportedError
+from .context import ROUTER_INPUTS_KWARG, TASK_IDS_KWARG, routing_context
+from .layer import ILoraLayer, Linear, MergeNotSupportedError, link_router_groups
 
 
 def _cache_length(past_key_values: Any) -> int:
@@ -95,24 +95,28 @@ class ILoraModel(BaseTuner):
         # Through __call__, not .forward, so the hooks that capture the routing state of this call run.
         return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, ilora_task_ids: Any = None, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate``, with ``ilora_task_ids`` (``[batch]`` or one id) routing every step."""
+    def generate(self, *args: Any, ilora_task_ids: Any = None, ilora_router_inputs: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``, with ``ilora_task_ids`` (``[batch]`` or one id) and
+        ``ilora_router_inputs`` (``[batch, N, d_signal]``, the signal of every position of the prompt and of the tokens
+        to generate: ``N >= prompt length + max_new_tokens``; see ``ilora.router.SignalRouter``) routing every step."""
         if self._model_generate is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate method")
-        with routing_context(task_ids=ilora_task_ids) if ilora_task_ids is not None else nullcontext():
+        with routing_context(task_ids=ilora_task_ids, router_inputs=ilora_router_inputs, generating=True):
             return self._model_generate(*args, **kwargs)
 
     def _capture_call_state(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        # Per call (context variables, so concurrent calls from other threads never see it): task ids arrive as
-        # the keyword TASK_IDS_KWARG (PEFT's task-specific models keep `task_ids` for their own prompt methods);
-        # sequence routers need this call's attention mask; cached decode steps reuse the prompt's routing.
+        # Per call (context variables, so concurrent calls from other threads never see it): task ids and router
+        # signals arrive as the keywords TASK_IDS_KWARG and ROUTER_INPUTS_KWARG (PEFT's task-specific models keep
+        # `task_ids` for their own prompt methods); sequence routers need this call's attention mask; cached decode
+        # steps reuse the prompt's routing and take the signal of their new tokens.
         context.enter_call(
             module,
             task_ids=kwargs.pop(TASK_IDS_KWARG, None),
+            router_inputs=kwargs.pop(ROUTER_INPUTS_KWARG, None),
             attention_mask=kwargs.get("attention_mask"),
             position_ids=kwargs.get("position_ids"),
             # transformers >= 5.24 names the KV cache `cache`, earlier releases `past_key_values`.
-            decoding=max(_cache_length(kwargs.get("past_key_values")), _cache_length(kwargs.get("cache"))) > 0,
+            past_length=max(_cache_length(kwargs.get("past_key_values")), _cache_length(kwargs.get("cache"))),
         )
         return args, kwargs
 
@@ -189,6 +193,12 @@ class ILoraModel(BaseTuner):
         )
 
     # ------------------------------------------------------------------------------------------ injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, then the router groups of ``adapter_name`` linked (``layer.link_router_groups``): before
+        any checkpoint loads, so a group's followers hold no router to load into."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        link_router_groups(ilora_layers(model), adapter_name, self.peft_config[adapter_name].router_groups)
+
     @staticmethod
     def _prepare_adapter_config(peft_config: ILoraConfig, model_config: dict) -> ILoraConfig:
         # Abstract in peft 0.15; 0.21 does the same with a message that does not name the field.

@@ -6,7 +6,7 @@ Two kinds of part, each with a small interface:
   an ``nn.Module`` whose ``forward(x)`` takes the routed layer's input ``x [..., d_in]`` and returns logits
   ``[T, num_experts]`` in at least float32, ``T = prod(x.shape[:-1])`` (one row per token of the flattened input).
   Its parameters and buffers are the adapter's ``ilora_router`` entries: saved, loaded and trained with it.
-  Per-call inputs (task ids, the attention mask) come from ``ilora.context.call_state()``.
+  Per-call inputs (task ids, the router signal, the attention mask) come from ``ilora.context.current_call()``.
 - **Gate** (``ILoraConfig.routing``): a class ``GateClass(config)`` whose instances are called as
   ``gate(logits, training)`` with the router's logits ``[T, E]`` (at least float32) and return an
   ``ilora.router.Gates``: dense weights ``[T, E]`` (every expert computed), or top-k ``weights`` and ``indices``
@@ -38,7 +38,7 @@ T = TypeVar("T")
 ROUTERS: dict[str, Callable[..., nn.Module]] = {}
 GATES: dict[str, Callable[..., Any]] = {}
 # Parts shipped with ilora: always registered, so their class paths are not saved in configs.
-BUILTIN_ROUTERS = ("token", "sequence", "task", "noisy_token")
+BUILTIN_ROUTERS = ("token", "sequence", "task", "noisy_token", "signal")
 BUILTIN_GATES = ("soft", "topk", "top_p")
 _KINDS = {"router": (ROUTERS, "register_router"), "routing": (GATES, "register_gate")}
 
@@ -205,8 +205,15 @@ def _noisy_token(d_in: int, num_experts: int, config: ILoraConfig) -> nn.Module:
     return _gates.NoisyTokenRouter(d_in, num_experts)
 
 
+def _signal(d_in: int, num_experts: int, config: ILoraConfig) -> nn.Module:
+    assert config.router_signal_dim is not None  # validated by ILoraConfig
+    return _router.SignalRouter(config.router_signal_dim, num_experts)
+
+
 def _register_builtins() -> None:
-    routers = (("token", _token), ("sequence", _sequence), ("task", _task), ("noisy_token", _noisy_token))
+    routers = (
+        ("token", _token), ("sequence", _sequence), ("task", _task), ("noisy_token", _noisy_token), ("signal", _signal)
+    )  # fmt: skip
     for name, factory in routers:
         ROUTERS.setdefault(name, factory)
     for name, gate_cls in (("soft", SoftGate), ("topk", TopKGate), ("top_p", _gates.TopPGate)):

@@ -1,7 +1,8 @@
-"""Routers (token, sequence, task) and the gates that turn their logits into routing weights.
+"""Routers (token, sequence, task, signal) and the gates that turn their logits into routing weights.
 
 A router maps a routed layer's input ``x [..., d_in]`` to logits ``[tokens, E]``, one row per token of the flattened
-input; sequence and task routers make one decision per sequence and repeat it over its tokens.
+input; sequence and task routers make one decision per sequence and repeat it over its tokens; the signal router
+projects a per-token signal given with the call instead of ``x``.
 
 Numerics: the router's matmul, its softmax and its top-k run in float32 (float64 for float64 inputs) whatever the
 autocast state and the dtypes of the input and the adapter, as MegaBlocks (``layers/router.py``) and Mixtral in
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import current_call, segment_ids, token_mask
+from .context import ROUTER_INPUTS_KWARG, TASK_IDS_KWARG, current_call, segment_ids, token_mask
 
 
 def routing_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -103,6 +104,15 @@ class SequenceRouter(TokenRouter):
         return logits.repeat_interleave(seq, dim=0)
 
 
+def trainer_column_hint(kwarg: str) -> str:
+    """How a Trainer user keeps the dataset column ``kwarg`` that a router reads from the call."""
+    return (
+        f"Training with transformers' Trainer (or TRL's)? Its remove_unused_columns=True drops an '{kwarg}' dataset "
+        "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
+        "TrainingArguments(remove_unused_columns=False)"
+    )
+
+
 class TaskRouter(nn.Module):
     """A learned logit table ``weight [num_tasks, E]`` indexed by the task ids of the current call."""
 
@@ -120,10 +130,8 @@ class TaskRouter(nn.Module):
         if ids is None:
             raise ValueError(
                 "this adapter routes by task (router='task') but no task ids were given: pass ilora_task_ids=... to "
-                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...). Training with "
-                "transformers' Trainer (or TRL's)? Its remove_unused_columns=True drops an 'ilora_task_ids' dataset "
-                "column: use ilora.ILoraTrainer (or AuxLossMixin on your Trainer subclass), which keeps it, or set "
-                "TrainingArguments(remove_unused_columns=False)"
+                "the model's forward, or wrap the call in ilora.routing_context(task_ids=...). "
+                + trainer_column_hint(TASK_IDS_KWARG)
             )
         rows = self.task_logits(ids)
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]
@@ -143,6 +151,71 @@ class TaskRouter(nn.Module):
         check_ids_in_range(ids, num_tasks, lambda got: f"task ids must be in [0, {num_tasks}), got {got}")
         # Checked where the ids are: host ids (as ``routing_context`` makes them from a list) give the exact error.
         return self.weight[ids.to(self.weight.device, non_blocking=True)].to(routing_dtype(self.weight))
+
+
+class SignalRouter(TokenRouter):
+    """Per-token logits from a signal given with the call, not from the layer's input: ``signal @ weight.T``,
+    ``weight [E, d_signal]`` (``ILoraConfig.router_signal_dim``), in float32 as every router.
+
+    The signal (``ilora_router_inputs=`` on the model's forward or ``generate``, or ``ilora.routing_context(
+    router_inputs=...)``) is ``[batch, N, d_signal]`` for ``x [batch, seq, d_in]``, or ``[tokens, d_signal]`` (one row
+    per token of the flattened input, any input rank). For a 3-D signal, with ``past`` tokens in the KV cache:
+
+    - ``N == seq``: the signal of this call's tokens;
+    - ``N == past + seq`` (a cached decode step given the whole sequence so far): its last ``seq`` rows, as the
+      attention mask's;
+    - inside ``generate``: ``N >= past + seq``, rows ``[past, past + seq)``: give the signal of the prompt and of every
+      token to generate (``N >= prompt length + max_new_tokens``).
+
+    Anything else raises ``ValueError`` naming both shapes; a missing signal raises ``ValueError``, a non-float one
+    ``TypeError``. Padding positions need a row too (any values): their routing is left out of the router losses and
+    the recorder as for every router. Follows the issue's "user-supplied signal" part (modality or interaction features,
+    as Crab+'s routing motivates).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routing_linear(signal_rows(x, self.weight.shape[1]).to(self.weight.device), self.weight)
+
+
+def signal_rows(x: torch.Tensor, d_signal: int) -> torch.Tensor:
+    """The current call's router signal lined up with the routed input ``x [..., d_in]``: ``[tokens, d_signal]``
+    (the rule is ``SignalRouter``'s)."""
+    state = current_call()
+    signal = state.router_inputs
+    if signal is None:
+        raise ValueError(
+            f"this adapter routes by a signal (router='signal') but none was given: pass {ROUTER_INPUTS_KWARG}=... "
+            f"[batch, seq, {d_signal}] to the model's forward (or generate), or wrap the call in "
+            "ilora.routing_context(router_inputs=...). " + trainer_column_hint(ROUTER_INPUTS_KWARG)
+        )
+    tokens = math.prod(x.shape[:-1])
+    if signal.shape[-1] != d_signal:
+        raise ValueError(f"{ROUTER_INPUTS_KWARG} of shape {tuple(signal.shape)} has {signal.shape[-1]} features per "
+                         f"token; the router takes router_signal_dim={d_signal}")  # fmt: skip
+    if signal.dim() == 2:
+        if signal.shape[0] != tokens:
+            raise _misaligned(signal, x, f"a 2-D signal needs one row per token ({tokens})")
+        return signal
+    if x.dim() != 3 or signal.shape[0] != x.shape[0]:
+        raise _misaligned(signal, x, "a 3-D signal needs an input [batch, seq, d_in] of the same batch")
+    n, seq, past = signal.shape[1], x.shape[1], state.past_length
+    if state.generating:
+        if n < past + seq:
+            raise _misaligned(signal, x, f"inside generate the signal must cover the prompt and every generated token; "
+                              f"this step needs positions up to {past + seq} ({past} cached)")  # fmt: skip
+        rows = signal[:, past : past + seq]
+    elif n in (seq, past + seq):
+        rows = signal[:, n - seq :]
+    else:
+        raise _misaligned(signal, x, f"give {seq} rows (this call's tokens) or {past + seq} ({past} cached, {seq} new)")
+    return rows.reshape(tokens, d_signal)
+
+
+def _misaligned(signal: torch.Tensor, x: torch.Tensor, rule: str) -> ValueError:
+    return ValueError(
+        f"{ROUTER_INPUTS_KWARG} of shape {tuple(signal.shape)} does not line up with the routed input of shape "
+        f"{tuple(x.shape)}: {rule} (see ilora.router.SignalRouter)"
+    )
 
 
 def check_ids_in_range(ids: torch.Tensor, upper: int, message: Callable[[str], str]) -> None:

@@ -6,14 +6,15 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..context import TASK_IDS_KWARG
+from ..context import ROUTER_INPUTS_KWARG, TASK_IDS_KWARG
 from ..losses import aux_loss, caller_adds_aux_loss, data_parallel_group
 
 
 class AuxLossMixin:
     """Mix into any ``Trainer`` subclass: ``compute_loss`` returns the task loss plus ``ilora.aux_loss(model)``.
 
-    It also keeps an ``ilora_task_ids`` dataset column, which ``remove_unused_columns=True`` would drop.
+    It also keeps the ``ilora_task_ids`` and ``ilora_router_inputs`` dataset columns, which
+    ``remove_unused_columns=True`` would drop.
     It works whichever way the Trainer computes its loss (the model's ``loss``, a ``compute_loss_func``, label
     smoothing, TRL's log-probabilities): the model is told to leave the router losses out of its own loss
     (``losses.caller_adds_aux_loss``) and they are added here, once. Under data parallelism (DDP, FSDP, DeepSpeed)
@@ -32,12 +33,13 @@ class AuxLossMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _set_signature_columns_if_needed(self) -> None:
-        # remove_unused_columns keeps only the model's forward arguments; task ids reach the layers as a keyword the
-        # base model's signature does not name.
+        # remove_unused_columns keeps only the model's forward arguments; task ids and router signals reach the
+        # layers as keywords the base model's signature does not name.
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
         columns = self._signature_columns  # type: ignore[has-type]
-        if columns is not None and TASK_IDS_KWARG not in columns:
-            self._signature_columns = [*columns, TASK_IDS_KWARG]
+        if columns is not None:
+            missing = [c for c in (TASK_IDS_KWARG, ROUTER_INPUTS_KWARG) if c not in columns]
+            self._signature_columns = [*columns, *missing]
 
     def _task_loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirrors ``Trainer.training_step``: True when it will *not* divide the returned loss by the steps."""

@@ -76,9 +76,13 @@ class ILoraModel(BaseTuner):
         self._warned_unused_stats = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        # Every adapter, the first and those added later (add_adapter, load_adapter), before any module changes.
+        """PEFT's injection of every adapter (the first and those added later by add_adapter, load_adapter), with the
+        config's patterns checked before any module changes (``check_patterns``) and its router groups linked
+        (``layer.link_router_groups``) before any checkpoint loads, so a group's followers hold no router to load
+        into."""
         check_patterns(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        link_router_groups(ilora_layers(model), adapter_name, self.peft_config[adapter_name].router_groups)
 
     if not base_tuner_has("__getattr__"):  # older peft (0.15) does not forward unknown attributes
 
@@ -193,12 +197,6 @@ class ILoraModel(BaseTuner):
         )
 
     # ------------------------------------------------------------------------------------------ injection
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """PEFT's injection, then the router groups of ``adapter_name`` linked (``layer.link_router_groups``): before
-        any checkpoint loads, so a group's followers hold no router to load into."""
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        link_router_groups(ilora_layers(model), adapter_name, self.peft_config[adapter_name].router_groups)
-
     @staticmethod
     def _prepare_adapter_config(peft_config: ILoraConfig, model_config: dict) -> ILoraConfig:
         # Abstract in peft 0.15; 0.21 does the same with a message that does not name the field.

@@ -4,7 +4,7 @@ import re
 
 import pytest
 from crabplus.interface import _NONE_WORDS, Prediction, format_target, parse
-from crabplus.tasks import NUM_POINTS, SUBSETS, get_task
+from crabplus.tasks import NUM_POINTS, SUBSETS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,15 +296,28 @@ def test_corrupting_a_well_formed_answer_is_a_parse_error_with_uniform_partial_c
         assert result.structure() == {}
 
 
-@settings(max_examples=200, deadline=None)
-@given(subset=st.sampled_from(SUBSETS), text=st.text(alphabet="<>/[],() answertruefalsvi_d0123456789.", max_size=80))
-def test_a_parsed_answer_holds_every_field_its_kind_needs(subset, text):
-    """Whatever the text, an answer that parses is complete: no kind ever passes with a part missing."""
-    result = parse(subset, text)
-    if result.ok:
-        kind = get_task(subset).answer_kind
-        need = {"answer": ("label",), "match": ("choice",), "box_points": ("label", "box", "points"),
-                "grounding": ("label", "box"), "caption": ("caption",)}.get(kind, ())  # fmt: skip
-        assert all(getattr(result, f) not in (None, ()) for f in need), result
-        if kind == "ref" and result.exists:
-            assert result.box is not None and len(result.points) == NUM_POINTS and result.label
+_FRAGMENTS = {
+    "name": "The object making the sound in the video is dog.",
+    "box": "[1,2,30,40]",
+    "point": "[5,6]",
+    "true": "<answer>true</answer>",
+    "false": "<answer>false</answer>",
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(subset=st.sampled_from(["s4", "ms3", "ref_avs"]), parts=st.lists(st.sampled_from(list(_FRAGMENTS)), max_size=8))
+def test_box_answers_parse_exactly_when_their_grammar_holds(subset, parts):
+    """Any mix of a name, boxes, points and truth tags parses if and only if it is the answer the instruction asks
+    for; whatever parses holds every part its kind needs."""
+    n = {k: parts.count(k) for k in _FRAGMENTS}
+    located = n["name"] >= 1 and n["box"] == 1 and n["point"] == NUM_POINTS
+    if subset == "ref_avs":
+        tags = n["true"] + n["false"]
+        well_formed = tags == 1 and (located if n["true"] else n["box"] + n["point"] == 0)
+    else:
+        well_formed = located
+    result = parse(subset, " ".join(_FRAGMENTS[k] for k in parts))
+    assert result.ok == well_formed, (parts, result)
+    if result.ok and result.exists is not False:
+        assert result.label == "dog" and result.box == (1, 2, 30, 40) and result.points == ((5, 6),) * NUM_POINTS

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import importlib
+import typing
 from typing import TYPE_CHECKING, Any
 
 # The config dataclasses import no torch (``crabplus.config`` checks a run's YAML before any heavy import); the
@@ -77,8 +78,9 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, ChatProcessor]:
     from .omni import build_tiny_omni, load_omni
 
     modes = cfg.modes()
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    dtypes = typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
+    if cfg.dtype not in dtypes:
+        raise ValueError(f"ModelConfig.dtype must be one of {list(dtypes)}, got {cfg.dtype!r}")
     dtype = getattr(torch, cfg.dtype)
     if cfg.paradigm == "omni":
         model, tokenizer = build_tiny_omni(cfg.seed) if cfg.path is None else load_omni(cfg.path, dtype)

@@ -28,15 +28,18 @@ def tasks(rows: int = 8, length: int = 16) -> dict[str, torch.Tensor]:
 
 
 def per_task_usage(model: torch.nn.Module, batches: dict[str, torch.Tensor]) -> dict[str, dict[str, list[float]]]:
-    """``{layer type: {task: mean routing weight per expert}}`` over all layers of that type (q_proj, ...)."""
+    """``{layer type: {task: mean routing weight per expert}}`` over all layers of that type (q_proj, ...), the types
+    in the model's order (a Llama layer's q, k, v, o, gate, up, down), not the recorder's alphabetical one."""
     out: dict[str, dict[str, list[float]]] = {}
+    order = dict.fromkeys(m.ilora_name for m in model.modules() if isinstance(m, ilora.ILoraLayer))
     model.eval()
     for task, batch in batches.items():
         with torch.no_grad(), ilora.record_routing() as recorder:
             model(input_ids=batch)
+        recorded = recorder.usage()
         by_type: dict[str, list[torch.Tensor]] = {}
-        for name, usage in recorder.usage().items():
-            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(usage)
+        for name in [n for n in order if n in recorded] + [n for n in recorded if n not in order]:
+            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(recorded[name])
         for kind, usages in by_type.items():
             out.setdefault(kind, {})[task] = torch.stack(usages).mean(0).tolist()
     return out

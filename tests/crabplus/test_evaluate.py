@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from crabplus.evaluate import CIDER_NOTE, baselines, caption_note, evaluate, format_table
+from crabplus.evaluate import CIDER_NOTE, caption_note, evaluate, format_table
 from crabplus.interface import Prediction as P
 from crabplus.train import train
 from test_train import SUBSETS, run_config, tiny_data  # noqa: F401  (fixture)
@@ -80,24 +80,6 @@ def test_subsets_without_a_test_split_are_named_not_dropped(tiny_data, tmp_path)
     assert set(result.not_evaluated) == {"mer24", "unav"}
     assert "| mer24 | 0 | - | not evaluated | mer24 has no test split" in result.table
     assert json.loads((tmp_path / "some" / "eval.json").read_text())["not_evaluated"].keys() == {"mer24", "unav"}
-
-
-@pytest.mark.parametrize(
-    ("subset", "refs", "want"),
-    [
-        ("ks", [P(label="drum"), P(label="Drum "), P(label="flute"), P(label="harp")],
-         {"accuracy_majority": 0.5, "accuracy_chance": 1 / 3}),
-        ("a2v", [P(choice=2), P(choice=2), P(choice=2), P(choice=1)],
-         {"accuracy_majority": 0.75, "accuracy_chance": 0.5}),
-        ("ref_avs", [P(exists=False), P(exists=True, box=(1, 1, 2, 2))],
-         {"exist_accuracy_majority": 0.5, "exist_accuracy_chance": 0.5}),
-        ("arig", [P(label="dog", box=(1, 1, 2, 2))] * 3, {"label_accuracy_majority": 1.0,
-                                                          "label_accuracy_chance": 1.0}),
-        ("ave", [P(events=(("dog", 0, 1),))], {}),
-    ],
-)  # fmt: skip
-def test_baselines_of_a_test_set(subset, refs, want):
-    assert baselines(subset, refs) == pytest.approx(want)
 
 
 def test_table_prints_baselines_beside_accuracy_and_notes_cider():

@@ -26,7 +26,8 @@ def test_matching_and_true_false():
         "accuracy"
     ] == pytest.approx(1 / 3)
     refs = [P(exists=True, label="dog", box=(0, 0, 10, 10)), P(exists=False)]
-    out = score("ref_avs", ["<answer>true</answer> [0,0,10,10]", "<answer>true</answer> [1,1,2,2]"], refs)
+    true = "<answer>true</answer> The referred object is dog. Its box is {}, and points on it are [1,1], [2,2], [3,3]."
+    out = score("ref_avs", [true.format("[0,0,10,10]"), true.format("[1,1,2,2]")], refs)
     assert out["exist_accuracy"] == 0.5
     assert out["box_iou"] == 1.0  # over references with a box only
 
@@ -97,7 +98,7 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (11, 0, 20, 10)) == 0.0  # adjacent, no shared pixel
     assert box_iou((5, 0, 4, 10), (0, 0, 10, 10)) == 0.0  # inverted
     refs = [P(label="dog", box=(0, 0, 10, 10))] * 2
-    preds = ["The object making the sound in the video is dog. [5,5,15,15]", "broken"]
+    preds = ["The object making the sound in the video is dog. [5,5,15,15] [6,6] [7,7] [8,8]", "broken"]
     out = score("s4", preds, refs)
     assert out["box_iou"] == pytest.approx(36 / 206 / 2)
     assert out["label_accuracy"] == 0.5
@@ -254,3 +255,23 @@ def test_an_unparsable_avvp_answer_scores_1_where_the_reference_has_no_class():
         for level in ("segment", "event"):
             assert out[f"avvp_{level}_audio"] == 1.0 and out[f"avvp_{level}_av"] == 1.0
             assert out[f"avvp_{level}_visual"] == 0.0 and out[f"avvp_{level}_event"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("subset", "text"),
+    [
+        ("s4", "The object making the sound in the video is dog. Points on it are [5,6], [7,8], [9,9]."),
+        ("ms3", "The object making the sound in the video is dog. Its bounding box is [0,0,10,10]."),
+        ("arig", "The sounding object is dog. Its bounding box is [0,0,10,10] or [1,1,10,10]."),
+    ],
+)
+def test_partial_credit_is_the_same_in_every_box_task(subset, text):
+    """A malformed answer is a parse error and its location scores 0, but the name read beside it scores alike."""
+    out = score(subset, [text], [P(label="dog", box=(0, 0, 10, 10))])
+    assert (out["parse_error_rate"], out["box_iou"], out["label_accuracy"]) == (1.0, 0.0, 1.0)
+
+
+def test_a_true_answer_without_a_box_keeps_its_existence_but_not_a_location():
+    refs = [P(exists=True, label="dog", box=(0, 0, 10, 10))]
+    out = score("ref_avs", ["<answer>true</answer> The referred object is dog. Points [5,6], [7,8], [9,9]."], refs)
+    assert (out["parse_error_rate"], out["box_iou"], out["exist_accuracy"]) == (1.0, 0.0, 1.0)

@@ -127,12 +127,13 @@ def test_sam2_prompts_follow_the_authors_rules(subset, text, want):
 
 
 def test_the_mask_prompt_is_the_authors_where_their_grammar_reads_the_answer_else_ours():
-    spaced = "The object is dog. Its bounding box is [35, 101, 90, 156], and points on it are [62, 130], [52, 130]."
+    spaced = ("The object making the sound in the video is dog. Its bounding box is [35, 101, 90, 156], and points on "
+              "it are [62, 130], [52, 130], [72, 130].")  # fmt: skip
     assert authors_prompt("s4", spaced).invalid is not None  # left out of the authors' mean
     assert (
         mask_prompt("s4", spaced)
         == sam2_prompt("s4", parse("s4", spaced))
-        == SamPrompt((35, 101, 90, 156), ((62, 130), (52, 130)))
+        == SamPrompt((35, 101, 90, 156), ((62, 130), (52, 130), (72, 130)))
     )  # the all-samples mean still prompts SAM2 from our tolerant parse
     mixed = "[35,101,90,156] [1, 1] [62,130]"  # theirs: the box and [62,130]; ours would also take [1, 1]
     assert mask_prompt("s4", mixed) == authors_prompt("s4", mixed) == SamPrompt((35, 101, 90, 156), ((62, 130),))
@@ -150,7 +151,7 @@ def test_a_perfect_answer_maps_back_exactly(seg, monkeypatch):
     src = (2 * np.arange(COORD_SIZE) + 1) * size // (2 * COORD_SIZE)  # exact nearest: floor((j + 0.5) * 64 / 224)
     ys, xs = np.nonzero(mask[np.ix_(src, src)])
     assert box == (xs.min(), ys.min(), xs.max(), ys.max())
-    text = format_target("s4", Prediction(label="dog", box=box, points=((100, 100),)))
+    text = format_target("s4", Prediction(label="dog", box=box, points=((100, 100),) * 3))
     prompt = authors_prompt("s4", text)
     back = np.floor(rescale_index(np.asarray(prompt.box), COORD_SIZE, size) + 0.5).astype(int)
     assert back.tolist() == [7, 13, 50, 39]

@@ -165,8 +165,8 @@ def test_a_perfect_synthetic_box_maps_back_exactly(size, edges):
     mask = np.zeros((size, size), bool)
     mask[y1 : y2 + 1, x1 : x2 + 1] = True
     box = scene.box_of(mask)
-    answer = parse("s4", f"The object is dog. Its bounding box is [{','.join(map(str, box))}], and points on it are "
-                         "[1,1], [2,2], [3,3].")  # fmt: skip
+    answer = parse("s4", f"The object making the sound in the video is dog. Its bounding box is "
+                         f"[{','.join(map(str, box))}], and points on it are [1,1], [2,2], [3,3].")  # fmt: skip
     back = np.floor(rescale_index(np.asarray(answer.box, np.float64), COORD_SIZE, size) + 0.5).astype(int)
     assert back.tolist() == [x1, y1, x2, y2]
     assert back.tolist() == pixel_index(np.asarray(answer.box), COORD_SIZE, size).tolist()

@@ -23,9 +23,12 @@ from typing import Any, Literal
 
 import yaml
 
-from crabplus.distributed import Strategy
-from crabplus.models import ModelConfig, check_model_config
+# Torch-free imports only: a wrong key or value is refused before torch, transformers or PEFT load (seconds).
+from crabplus.models.config import ModelConfig, check_model_config
 from crabplus.tasks import SUBSETS, get_task
+
+#: ``train.strategy``: the data-parallel engine (``crabplus.distributed``).
+Strategy = Literal["auto", "none", "ddp", "fsdp", "deepspeed"]
 
 
 @dataclass

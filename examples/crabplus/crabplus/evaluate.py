@@ -7,7 +7,7 @@ per sample: subset, ids, prompt, text, parsed structure, parse error, reference)
 metric, value, note), ``metrics.md`` (the printed table, headed by what produced it), ``eval.json`` (the checkpoint,
 the subsets evaluated and those not evaluated with why, and the whole config), plus ``router_usage.csv`` for I-LoRA
 models. A folder holding another evaluation (another checkpoint, subsets or config) is never overwritten unless
-asked. Beside each accuracy the table prints the majority-class and chance rates of that test set. Segmentation
+asked. Beside each accuracy the table prints the majority-class and chance rates (``crabplus.baselines``). Segmentation
 subsets get SAM2 masks from the predicted box and points when ``eval.sam2`` names a model; without one, boxes are
 scored (IoU) and mask metrics are left out, as the table says.
 """
@@ -18,7 +18,6 @@ import csv
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import ilora
 from crabplus.models import build_model
 
 # isort: split
+from crabplus.baselines import BASELINE_NOTE, answer_space_sizes, baselines
 from crabplus.checkpoint import latest_checkpoint, load_weights
 from crabplus.config import RunConfig, config_dict
 from crabplus.data.batches import open_split
@@ -47,14 +47,6 @@ from crabplus.tasks import get_task
 
 log = logging.getLogger(__name__)
 MASK_METRICS = ("mask_j", "mask_f", "s_metric")
-# The class accuracies that get majority-class and chance baselines, and what a reference's class is.
-_CLASS_OF = {
-    "answer": ("accuracy", lambda r: normalize(r.label), None),
-    "match": ("accuracy", lambda r: r.choice, 2),
-    "ref": ("exist_accuracy", lambda r: r.exists, 2),
-    "box_points": ("label_accuracy", lambda r: normalize(r.label), None),
-    "grounding": ("label_accuracy", lambda r: normalize(r.label), None),
-}
 CIDER_NOTE = ("CIDEr not shown: with one sample or identical references every n-gram is in every reference, so its "
               "document-frequency weight (IDF) is 0 and CIDEr is 0 even for a perfect caption")  # fmt: skip
 
@@ -129,23 +121,6 @@ def eval_samples(cfg: RunConfig) -> tuple[dict[str, list[Sample]], dict[str, str
     return out, skipped
 
 
-def baselines(subset: str, refs: Sequence[Prediction]) -> dict[str, float]:
-    """The majority-class rate (always answering the commonest reference class) and the chance rate (a uniform guess
-    over the classes: 2 for matching and Ref-AVS existence, else the distinct classes of this test set) of the
-    subset's class accuracy: ``{"<metric>_majority": ..., "<metric>_chance": ...}`` (empty for other metrics)."""
-    kind = get_task(subset).answer_kind
-    if kind not in _CLASS_OF or not refs:
-        return {}
-    metric, key, classes = _CLASS_OF[kind]
-    if metric not in get_task(subset).metrics:
-        return {}
-    counts = Counter(key(r) for r in refs)
-    return {
-        f"{metric}_majority": max(counts.values()) / len(refs),
-        f"{metric}_chance": 1 / (classes or len(counts)),
-    }
-
-
 def caption_note(refs: Sequence[Prediction]) -> str | None:
     """Why CIDEr cannot be read on this test set (one sample, or identical references), or None."""
     if len(refs) <= 1 or len({normalize(r.caption) for r in refs}) == 1:
@@ -208,7 +183,7 @@ def format_table(
 ) -> str:
     """A markdown table, one row per subset: family, n, parse errors, the registry's metrics (class accuracies with
     their majority-class and chance rates), notes; then a row per subset not evaluated, saying why."""
-    lines = ["| family | subset | n | parse err | metrics | note |", "|---|---|---|---|---|---|"]
+    lines = [f"| family | subset | n | parse err | metrics ({BASELINE_NOTE}) | note |", "|---|---|---|---|---|---|"]
     for subset, s in scores.items():
         parts = []
         for k, v in s.items():
@@ -271,7 +246,8 @@ def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], results: lis
                 if cfg.eval.sam2 == "tiny":
                     note = "masks from a random tiny SAM2 (plumbing check, not a score)"
     splits = [(s.meta.get("ids") or {}).get("split") for s in group]  # Ref-AVS: test_s / test_u / test_n
-    scores = score(subset, texts, refs, meteor=cfg.eval.meteor, splits=splits, **masks) | baselines(subset, refs)
+    scores = score(subset, texts, refs, meteor=cfg.eval.meteor, splits=splits, **masks)
+    scores |= baselines(subset, refs, answer_space_sizes(cfg.data.root, subset, group))
     if "cider" in scores and (why := caption_note(refs)):
         scores["cider"], note = float("nan"), why
     return scores, note

@@ -5,6 +5,30 @@ Formats follow the authors' data (REFERENCE.md section 2): ``<answer> x </answer
 Crab+ boxes ``[x1,y1,x2,y2]`` and points ``[x,y]``; ARIG's corner sentence; ``<answer>true</answer>`` for Ref-AVS.
 Parsing tolerates spacing and case, Crab's ``<visual>``/``<audio>`` tags and the authors' test-time variants, and
 never raises on model output: what it cannot read comes back as ``Prediction.error``.
+
+One grammar per answer kind; text before a stop token (``<|im_end|>``, ``</s>``) is read, tags must be closed and
+not nested, and an answer parses only when it is well formed:
+
+- ``answer``, ``match``: exactly one ``<answer>`` tag, not empty (``match``: naming exactly one of 1 and 2).
+- ``ref``: exactly one ``<answer>`` tag holding true / false (yes / no); true needs the ``box_points`` grammar,
+  false no coordinate at all.
+- ``box_points`` (s4, ms3): the object's name ("the object making the sound ... is NAME"), exactly one box
+  ``[x1,y1,x2,y2]`` with ``x1 < x2``, ``y1 < y2`` and exactly ``NUM_POINTS`` points ``[x,y]``, as the instruction asks.
+- ``grounding`` (ARIG): the name ("the sounding object is NAME") and exactly one box, in any one of the corner
+  sentence, the ``<obj>`` tag or ``[x1,y1,x2,y2]``.
+- ``events``: ``<event>`` / ``<range> a,b </range>`` pairs in that order, each range two numbers with ``a <= b``.
+- ``avvp``: one ``<visual_event>`` and one ``<audio_event>`` tag, each "none" or ``label,(a b),...`` items joined
+  by ``;``, read whole.
+- ``caption``: any non-empty text.
+
+Several ``<answer>`` tags are an error, not a choice between them: the authors' only answer reader,
+``extract_coordinates`` in ``seg/scripts/inference_ref_3.py`` (GeWu-Lab/Crab_Plus), reads neither the first nor
+the last tag but "false" wherever ``<answer>false</answer>`` appears, else "true" if ``<answer>true</answer>`` does;
+their other inference scripts only write the text. With one tag, as every target holds, all these rules agree.
+
+Partial credit is the same in every task: a malformed answer counts as a parse error and its location (box,
+points) and events score nothing, but the class part read beside it, the object's name (s4, ms3, ARIG, Ref-AVS)
+and Ref-AVS's true / false, is kept and scores (``crabplus.metrics``).
 """
 
 from __future__ import annotations
@@ -12,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-from crabplus.tasks import get_task
+from crabplus.tasks import MATCH_CHOICES, NUM_POINTS, get_task
 
 Event = tuple[str, float, float]
 Box = tuple[int, int, int, int]
@@ -84,8 +108,8 @@ def format_target(subset: str, structured: Prediction, reasoning: str = "") -> s
     if kind == "answer":
         return f"{lead}So the answer is <answer> {_label(structured.label, 'label')} </answer>."
     if kind == "match":
-        if structured.choice not in (1, 2):
-            raise ValueError(f"{subset}: choice must be 1 or 2, got {structured.choice!r}")
+        if structured.choice not in MATCH_CHOICES:
+            raise ValueError(f"{subset}: choice must be one of {MATCH_CHOICES}, got {structured.choice!r}")
         return f"{lead}So the answer is <answer> {structured.choice} </answer>."
     if kind == "events":
         return lead + _format_events(subset, structured.events)
@@ -175,10 +199,13 @@ def _need_box(subset: str, box: Box | None) -> Box:
 
 def _box_sentence(subset: str, s: Prediction) -> str:
     x1, y1, x2, y2 = _need_box(subset, s.box)
-    text = f"Its bounding box is [{x1},{y1},{x2},{y2}]"
-    if s.points:
-        text += ", and points on it are " + ", ".join(f"[{x},{y}]" for x, y in s.points)
-    return text + "."
+    if len(s.points) != NUM_POINTS:
+        raise ValueError(f"{subset}: points must be {NUM_POINTS} [x,y] pixels on the object, got {s.points!r}")
+    return (
+        f"Its bounding box is [{x1},{y1},{x2},{y2}], and points on it are "
+        + ", ".join(f"[{x},{y}]" for x, y in s.points)
+        + "."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- parse
@@ -232,9 +259,8 @@ def tag_error(text: str, names: tuple[str, ...]) -> str | None:
 def parse(subset: str, text: object) -> Prediction:
     """Read ``subset``'s structured answer from ``text``; never raises on the text (raises only for a bad subset).
 
-    Only a well-formed answer parses: tags closed and not nested, boxes with ``x1 < x2`` and ``y1 < y2``. Where the
-    object's name is readable but its location is not (box and point answers), the name is kept beside the error, so
-    the label scores alike in every such task while the answer counts as a parse error."""
+    Only a well-formed answer parses (the grammars in the module docstring). Where the object's name or Ref-AVS's
+    true / false is readable but the rest is not, it is kept beside the error, alike in every task."""
     kind = get_task(subset).answer_kind
     if not isinstance(text, str):
         return Prediction(error=f"prediction is {type(text).__name__}, not text")
@@ -251,11 +277,19 @@ def _clean(text: str) -> str:
     return " ".join(text.split()).strip(_EDGE_PUNCTUATION)
 
 
-def _parse_answer(text: str) -> Prediction:
+def _one_answer(text: str) -> tuple[str | None, str | None]:
+    """The content of the one ``<answer>`` tag, or why there is not exactly one."""
     found = _ANSWER.findall(text)
-    if not found:
-        return Prediction(error="no <answer> tag")
-    label = _clean(found[-1])
+    if len(found) != 1:
+        return None, "no <answer> tag" if not found else f"{len(found)} <answer> tags (a well-formed answer has one)"
+    return found[0], None
+
+
+def _parse_answer(text: str) -> Prediction:
+    found, why = _one_answer(text)
+    if why:
+        return Prediction(error=why)
+    label = _clean(found)
     return Prediction(label=label) if label else Prediction(error="empty <answer> tag")
 
 
@@ -277,9 +311,12 @@ def _parse_events(text: str) -> Prediction:
         return Prediction(error="no <event> tag")
     if len(labels) != len(ranges):
         return Prediction(error=f"{len(labels)} <event> tags but {len(ranges)} <range> tags")
+    order = [m.group(1).lower() for m in re.finditer(r"<\s*(event|range)\s*>", text, _FLAGS)]
+    if order != ["event", "range"] * len(labels):
+        return Prediction(error="each <event> tag must be followed by its <range> tag")
     events = []
     for label, span in zip(labels, ranges):
-        pair = _PAIR.search(span)
+        pair = _PAIR.fullmatch(span.strip())
         if not label or pair is None:
             return Prediction(error=f"unreadable event {label!r} with range {span.strip()!r}")
         start, end = float(pair.group(1)), float(pair.group(2))
@@ -293,13 +330,17 @@ def _parse_avvp(text: str) -> Prediction:
     tags = _AVVP_TAG.findall(text)
     if not tags:
         return Prediction(error="no <visual_event> or <audio_event> tag")
+    count = {m: [t[0].lower() for t in tags].count(m) for m in ("visual", "audio")}
+    if count != {"visual": 1, "audio": 1}:
+        return Prediction(error=f"{count['visual']} visual and {count['audio']} audio event tags (needs one of each)")
     out: dict[str, list[Event]] = {"visual": [], "audio": []}
     for modality, body in tags:
         body_clean = _clean(body)
         if body_clean.lower() in _NONE_WORDS:
             continue
-        matches = _AVVP_EVENT.findall(body)
-        if not matches:
+        items = [item.strip() for item in body.strip().rstrip(".").split(";")]
+        matches = [m.groups() for item in items if (m := _AVVP_EVENT.fullmatch(item))]
+        if len(matches) != len(items):
             return Prediction(error=f"unreadable {modality.lower()} events {body_clean!r}")
         for label, segments in matches:
             label = _clean(label)
@@ -323,15 +364,12 @@ def _object_name(text: str) -> str | None:
     return _clean(found.group(1)) or None
 
 
-def _coordinates(text: str) -> tuple[Box | None, tuple[Point, ...]]:
-    box, points = None, []
+def _coordinates(text: str) -> tuple[list[Box], list[Point]]:
+    boxes, points = [], []
     for match in _COORDS.findall(text):
         values = [int(v) for v in match if v]
-        if len(values) == 4:
-            box = box or tuple(values)
-        else:
-            points.append(tuple(values))
-    return box, tuple(points)
+        (boxes if len(values) == 4 else points).append(tuple(values))
+    return boxes, points
 
 
 def _box_error(box: Box | None) -> str | None:
@@ -340,34 +378,55 @@ def _box_error(box: Box | None) -> str | None:
     return None
 
 
-def _parse_box_points(text: str) -> Prediction:
-    box, points = _coordinates(text)
+def _located(text: str, num_points: int) -> Prediction:
+    """The object's name, one box and ``num_points`` points (the grammar of s4, ms3 and a present Ref-AVS object);
+    a readable name is kept beside an error in the location (``parse``'s partial credit)."""
+    boxes, points = _coordinates(text)
     label = _object_name(text)
-    if box is None and not points:
-        return Prediction(label=label, error="no [x1,y1,x2,y2] box or [x,y] point")
-    if why := _box_error(box):
+    if len(boxes) != 1:
+        return Prediction(label=label, error="no [x1,y1,x2,y2] box" if not boxes else f"{len(boxes)} boxes")
+    if why := _box_error(boxes[0]):
         return Prediction(label=label, error=why)
-    return Prediction(label=label, box=box, points=points)
+    if len(points) != num_points:
+        return Prediction(label=label, error=f"{len(points)} [x,y] points (needs {num_points})")
+    if label is None:
+        return Prediction(error="no object name ('the object making the sound ... is NAME')")
+    return Prediction(label=label, box=boxes[0], points=tuple(points))
+
+
+def _parse_box_points(text: str) -> Prediction:
+    return _located(text, NUM_POINTS)
 
 
 def _parse_grounding(text: str) -> Prediction:
-    found = _CORNERS.search(text) or _OBJ_TAG.search(text)
-    box = tuple(round(float(v)) for v in found.groups()) if found else _coordinates(text)[0]
+    found = [m.groups() for m in (*_CORNERS.finditer(text), *_OBJ_TAG.finditer(text))]
+    boxes = [tuple(round(float(v)) for v in g) for g in found] + _coordinates(text)[0]
     label = _object_name(text)
-    if box is None:
-        return Prediction(label=label, error="no box (corner sentence, <obj> tag or [x1,y1,x2,y2])")
-    if why := _box_error(box):
+    if len(boxes) != 1:
+        what = "no box (corner sentence, <obj> tag or [x1,y1,x2,y2])" if not boxes else f"{len(boxes)} boxes"
+        return Prediction(label=label, error=what)
+    if why := _box_error(boxes[0]):
         return Prediction(label=label, error=why)
-    return Prediction(label=label, box=box)
+    if label is None:
+        return Prediction(error="no object name ('the sounding object is NAME')")
+    return Prediction(label=label, box=boxes[0])
 
 
 def _parse_ref(text: str) -> Prediction:
-    found = _TRUTH.findall(text)
-    if not found:
-        return Prediction(error="no <answer>true</answer> or <answer>false</answer>")
-    if found[0].lower() in ("false", "no"):
+    found, why = _one_answer(text)
+    if found is None:
+        return Prediction(
+            error="no <answer>true</answer> or <answer>false</answer>" if why == "no <answer> tag" else why
+        )
+    truth = _TRUTH.fullmatch(f"<answer>{found}</answer>")
+    if truth is None:
+        return Prediction(error=f"<answer> holds {_clean(found)!r}, not true or false")
+    if truth.group(1).lower() in ("false", "no"):
+        boxes, points = _coordinates(text)
+        if boxes or points:
+            return Prediction(exists=False, error="answered false but gives coordinates")
         return Prediction(exists=False)
-    located = _parse_box_points(text)
+    located = _located(text, NUM_POINTS)
     if located.error:
         return Prediction(exists=True, label=located.label, error=f"answered true but {located.error}")
     return Prediction(exists=True, label=located.label, box=located.box, points=located.points)

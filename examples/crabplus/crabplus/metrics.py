@@ -26,7 +26,10 @@ What is implemented (each averaged over samples unless said otherwise):
   samples (``_all``), with the count excluded; Ref-AVS per split (J, F on ``test_s``/``test_u``, S on ``test_n``).
 
 A prediction that does not parse is read as the empty answer (no label, choice, event, box or mask): it scores 0
-wherever the reference holds something to find, and as right where the reference is empty too. So, as in the
+wherever the reference holds something to find, and as right where the reference is empty too. The one partial
+credit, the same in every task, is the class part ``crabplus.interface.parse`` keeps beside a malformed answer (the
+object's name in s4, ms3, ARIG and Ref-AVS; Ref-AVS's true / false): ``label_accuracy`` and ``exist_accuracy`` score
+it, while the answer still counts in ``parse_error_rate`` and its box scores 0. So, as in the
 authors' ``avvp_eval_metrics.py``, an unparsable AVVP answer scores 1.0 on a modality (or the audio-visual overlap)
 with no active class in reference; and in the all-samples mask means an empty mask of an empty reference has J = F = 1.
 ``parse_error_rate`` counts the unparsable. Nothing here raises on model output.

@@ -29,37 +29,20 @@ them into a batch (``"left"`` for batched generation).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from .sample import AUDIO_SAMPLE_RATE, VIDEO_FPS, Sample
+from .models.config import ProcessorConfig
+from .sample import AUDIO_SAMPLE_RATE, Sample
 from .tasks import get_task
 from .tokenizer import SPECIAL, special_token_ids
 
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-OMNI_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
-    "visual inputs, as well as generating text and speech."
-)
-
-
-@dataclass
-class ProcessorConfig:
-    """Media and prompt settings; the defaults follow Crab+ (224x224 frames, 16 kHz audio, Omni's system prompt)."""
-
-    system_prompt: str = OMNI_SYSTEM_PROMPT
-    min_pixels: int = 56 * 56
-    max_pixels: int = 224 * 224
-    fps: float = VIDEO_FPS
-    """Frame rate of ``Sample.frames`` when ``meta["fps"]`` is absent (the authors' Omni processor default, 1.0)."""
-    max_audio_seconds: float = 300.0
-    """Longer audio is truncated, as Omni's feature extractor does (its 300 s window)."""
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

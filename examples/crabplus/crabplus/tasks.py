@@ -45,6 +45,13 @@ def pixel_index(index: Any, src_size: int, dst_size: int) -> Any:
     return (2 * index + 1) * dst_size // (2 * src_size)
 
 
+#: The options of a cross-modal matching answer (a2v: which of the two videos, v2a: which of the two audios).
+MATCH_CHOICES = (1, 2)
+
+#: Points an s4, ms3 or Ref-AVS answer gives on the object besides its box: the instructions ask for "three pixel
+#: points", and the authors' evaluation prompts SAM2 with at most the last three (``seg/scripts/inference_3.py``).
+NUM_POINTS = 3
+
 #: Temporal tasks (AVE, AVVP) describe a clip as this many unit segments ("seconds" in AVE and AVVP).
 NUM_SEGMENTS = 10
 
@@ -104,6 +111,8 @@ class TaskSpec:
     frame_index_field: str | None = None
     split_field: str | None = None
     """The field naming a test record's evaluation split (Ref-AVS: ``test_s``, ``test_u``, ``test_n``)."""
+    options_field: str | None = None
+    """The field listing a record's answer options (multiple choice: the answer space of that question)."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -208,7 +217,7 @@ _SPECS: tuple[TaskSpec, ...] = (
         has_test=True, label_fields=("answer",), id_fields=("video_id", "question_id", "type")),
     _av("avqa_thu", "question_answering", "answer",
         "Please answer the question based on the options: {question_text}, options:{multi_choice}", "label",
-        ("accuracy",), has_test=True, label_fields=("answer",),
+        ("accuracy",), has_test=True, label_fields=("answer",), options_field="multi_choice",
         id_fields=("id", "video_id", "video_name", "question_type", "question_relation")),
     _av("ave", "temporal_localization", "events", _EVENTS, "label_content", ("ave_accuracy", "tiou"), has_test=True,
         label_fields=("event", "start_time", "end_time"), id_fields=("vid",)),

@@ -48,9 +48,11 @@ __all__ = [
     "check_model_config",
     "model_parts",
     "part_of",
+    "peft_config_for",
 ]
 
-_LAZY = {"MODULAR_PARTS": ".modular", "CrabModularModel": ".modular", "OMNI_PARTS": ".omni", "part_of": ".adapters"}
+_LAZY = {"MODULAR_PARTS": ".modular", "CrabModularModel": ".modular", "OMNI_PARTS": ".omni", "part_of": ".adapters",
+         "peft_config_for": ".adapters"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -12,16 +12,16 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from peft import LoraConfig
 from torch import nn
 
 import ilora
 
-PartMode = Literal["frozen", "ilora", "full"]
-AdapterKind = Literal["ilora", "lora", "none"]
-PART_MODES = ("frozen", "ilora", "full")
+from .config import AdapterKind, PartMode
+
+PART_MODES: tuple[str, ...] = get_args(PartMode)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
 from crabplus.config import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config
@@ -224,3 +225,67 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads(1) == 3
+
+
+def test_resume_accepts_changes_that_cannot_change_the_weights(tiny_data, tmp_path, monkeypatch, caplog):
+    full = train(run_config(tiny_data, tmp_path / "full"), progress=False)
+    train(run_config(tiny_data, tmp_path / "cut"), stop_after=2, progress=False)
+    monkeypatch.chdir(tmp_path)  # the same folder, named relatively; housekeeping and evaluation settings changed
+    cfg = run_config(tiny_data, Path("cut"), save_every=1, keep_checkpoints=3)
+    cfg.eval.max_new_tokens, cfg.eval.subsets, cfg.data.num_workers = 4, ["ks"], 0
+    with caplog.at_level("INFO", logger="crabplus.train"):
+        rest = train(cfg, progress=False)
+    assert rest.steps == [3, 4, 5] and rest.losses == full.losses[2:]
+    changed = [r.getMessage() for r in caplog.records if "do not change the trained weights" in r.getMessage()]
+    assert len(changed) == 1 and "\n" not in changed[0], caplog.text
+    for text in ("train.save_every 0 -> 1", "train.keep_checkpoints 2 -> 3", "eval.max_new_tokens 8 -> 4",
+                 "eval.subsets null -> [ks]", "train.out"):  # fmt: skip
+        assert text in changed[0], changed[0]
+
+
+def test_a_refused_resume_names_each_key_with_both_values_and_the_ways_out(tiny_data, tmp_path):
+    train(run_config(tiny_data, tmp_path, max_steps=1), progress=False)
+    cfg = run_config(tiny_data, tmp_path, max_steps=1, lr=0.5, seed=3, save_every=1)
+    cfg.model.num_experts = 3
+    with pytest.raises(ValueError) as err:
+        train(cfg, progress=False)
+    text = str(err.value)
+    for key in ("train.lr 0.01 -> 0.5", "train.seed 0 -> 3", "model.num_experts 2 -> 3"):
+        assert key in text, text
+    assert "save_every" not in text and "\n" not in text
+    assert "--set train.lr=0.01" in text and "--out" in text and "delete" not in text
+
+
+@pytest.mark.parametrize(
+    ("subsets", "message"),
+    [
+        ({"ks": -1.0}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got -1.0"),
+        ({"ks": float("nan")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got nan"),
+        ({"ks": float("inf")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got inf"),
+        ({"ks": 0.0, "meld": 0.0}, "data.subsets: every mixing ratio is 0"),
+        ([], "data.subsets: empty"),
+        ({}, "data.subsets: empty"),
+    ],
+)
+def test_mixing_ratios_are_refused_when_the_config_loads(tmp_path, subsets, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "absent"), "subsets": subsets},
+                                    "train": {"out": str(tmp_path / "run")}}))  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {message}"), err.value
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in subsets.items()) + "}" if isinstance(subsets, dict) else "[]"
+    with pytest.raises(ValueError) as err:
+        load_config(CONFIGS / "tiny.yaml", [f"data.subsets={flow}".replace("nan", ".nan").replace("inf", ".inf")])
+    assert str(err.value).startswith("--set 'data.subsets=") and message in str(err.value), err.value
+
+
+def test_nothing_is_written_when_the_data_cannot_be_used(tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "ks").mkdir(parents=True)
+    (empty / "ks" / "train.json").write_text("[]")
+    cfg = run_config(empty, tmp_path / "run")
+    cfg.data.subsets = ["ks"]
+    with pytest.raises(ValueError, match="no usable training records"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -90,17 +90,21 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     trained_at = time.perf_counter()
     result = train(cfg, progress=progress)
     train_s = time.perf_counter() - trained_at
-    print(loss_summary(result.losses))
-    print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / max(len(result.steps), 1):.2f} s/step "
-          f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores)")  # fmt: skip
+    if result.steps:
+        print(loss_summary(result.losses))
+        print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / len(result.steps):.2f} s/step "
+              f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores)")  # fmt: skip
+    else:
+        print(f"already trained: {result.run_dir} finished all {result.total_steps} steps before "
+              f"({result.checkpoint}); nothing to train, evaluating that checkpoint")  # fmt: skip
     if result.interrupted:
         return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")
     ev = evaluate(cfg, progress=progress)
-    print(ev.table)
-    for subset, why in ev.not_evaluated.items():
-        print(f"not evaluated: {subset} {why}")
+    if ev.interrupted:
+        return {"train": result, "eval": ev, "wall_s": time.perf_counter() - began}
+    print(ev.table)  # its last rows: the subsets not evaluated, with why
     print("[4/4] plots")
     plots = [plot_loss(out / "train_log.csv", out / "loss.png")]
     if ev.usage:
@@ -123,6 +127,23 @@ def _interrupted(result) -> int:
     return 128 + getattr(signal, result.interrupted, signal.SIGTERM)
 
 
+def _evaluation_interrupted(ev) -> int:
+    """The one line an interrupted evaluation prints; the exit status of the signal."""
+    done, total = ev.progress
+    print(f"crabplus: {ev.interrupted} during evaluation after {done} of {total} samples; predictions so far kept in "
+          f"{ev.out_dir / 'predictions.jsonl'}; run the same command to continue them", file=sys.stderr)  # fmt: skip
+    return 128 + signal.Signals[ev.interrupted]
+
+
+#: What an interruption outside a training step or evaluation batch keeps, per command.
+_KEPT = {
+    "train": "checkpoints already written are kept and the same command resumes from the newest",
+    "evaluate": "predictions already written are kept and the same command continues them",
+    "demo": "checkpoints and predictions already written are kept and the same command continues from them",
+    "transfer": "finished runs, checkpoints and predictions are kept and the same command continues from them",
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     from crabplus.config import load_config
 
@@ -143,14 +164,18 @@ def _run(args: argparse.Namespace) -> int:
         from crabplus.evaluate import evaluate
 
         ev = evaluate(cfg, args.checkpoint, args.out, progress=progress, overwrite=args.overwrite)
+        if ev.interrupted:
+            return _evaluation_interrupted(ev)
         print(ev.table)
         print(f"wrote {ev.out_dir}")
         return 0
     if args.out:
         cfg.train.out = str(args.out)
     if args.command == "demo":
-        result = demo(cfg, Path(cfg.train.out), progress)["train"]
-        return _interrupted(result) if result.interrupted else 0
+        ran = demo(cfg, Path(cfg.train.out), progress)
+        if ran["train"].interrupted:
+            return _interrupted(ran["train"])
+        return _evaluation_interrupted(ran["eval"]) if ran["eval"].interrupted else 0
     import torch
 
     from crabplus.train import loss_summary, train
@@ -169,22 +194,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``crabplus`` console script."""
+    """Entry point of the ``crabplus`` console script. Run as a program (``argv`` None), it handles SIGINT and
+    SIGTERM for the whole process (``crabplus.interrupt.command_signals``): one line and 128 + the signal number."""
+    from crabplus.interrupt import command_signals, finished
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"crabplus {args.command}: error: runs in one process; only `train` takes torchrun / accelerate launch",
               file=sys.stderr)  # fmt: skip
         return 2
+    if argv is None:
+        command_signals()
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside the training loop (loading, evaluating): nothing of this phase to save
-        print(f"crabplus {args.command}: interrupted outside a training step; checkpoints already written are kept "
-              "and the same command continues from them", file=sys.stderr)  # fmt: skip
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:  # outside a training step or an evaluation batch: nothing of this phase to save
+        name = getattr(exc, "signal", "SIGINT")
+        print(f"crabplus {args.command}: {name}: stopped; {_KEPT[args.command]}", file=sys.stderr)
+        return 128 + signal.Signals[name]
+    finally:
+        if argv is None:
+            finished()
 
 
 if __name__ == "__main__":

@@ -49,18 +49,23 @@ def _rows(run: Path) -> list[dict]:
 
 def _start(config: Path, run: Path, processes: int = 1, *extra: str) -> subprocess.Popen:
     args = ["-m", "crabplus", "train", "--config", str(config), "--out", str(run), "--quiet", *extra]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    launcher = ["-m", "crabplus.launch", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     return subprocess.Popen([sys.executable, *launcher, *args], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
 
-def _interrupt_after_steps(proc: subprocess.Popen, run: Path, sig: int, steps: int = 2) -> tuple[int, str]:
+def _interrupt_after_steps(
+    proc: subprocess.Popen, run: Path, sig: int, steps: int = 2, group: bool = True
+) -> tuple[int, str]:
     deadline = time.monotonic() + 240
     while len(_rows(run)) < steps:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
-    os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the launcher and every worker
+    if group:
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the launcher and every worker
+    else:
+        proc.send_signal(sig)  # as a scheduler may: to the launcher alone
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
@@ -81,10 +86,11 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(config, tmp_path
     assert [int(r["step"]) for r in _rows(run)] == list(range(1, stopped + 2))
 
 
-def test_sigterm_stops_two_ddp_processes_at_the_same_step_with_one_checkpoint(config, tmp_path):
+def test_sigterm_to_the_launcher_stops_two_ddp_processes_at_the_same_step_with_one_checkpoint(config, tmp_path):
     run = tmp_path / "run"
-    rc, err = _interrupt_after_steps(_start(config, run, 2), run, signal.SIGTERM)
-    assert rc != 0
+    rc, err = _interrupt_after_steps(_start(config, run, 2), run, signal.SIGTERM, group=False)
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert sum(x.startswith("crabplus launch: SIGTERM") for x in err.splitlines()) == 1, err
     stopped = int(_rows(run)[-1]["step"])
     ckpt = latest_checkpoint(run)
     progress = load_state(ckpt)["progress"]

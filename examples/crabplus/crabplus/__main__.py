@@ -3,6 +3,7 @@
     crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
     crabplus train --config examples/crabplus/configs/tiny.yaml
     torchrun --nproc_per_node 2 -m crabplus train --config ... [--set train.strategy=fsdp]
+    python -m crabplus.launch --nproc_per_node 2 -m crabplus train ...   (torchrun, stopping in one line)
     crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
     crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml
 

@@ -148,6 +148,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(tiny_data, tmp_pat
     assert record["complete"] is False and "RuntimeError: out of memory" in record["failed"]
     assert not (out / "metrics.md").exists()
     with (out / "predictions.jsonl").open("a") as f:
+        f.write(json.dumps({"subset": "ks", "sample": 9, "file": "gone.json", "index": 0, "text": "x"}) + "\n")
         f.write('{"subset": "ks", "te')  # a line cut short by a kill
     predicted.clear()
     monkeypatch.setattr(ev, "predict", lambda *a, **kw: predicted.extend(a[2]) or real(*a, **kw))

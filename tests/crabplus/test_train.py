@@ -11,7 +11,15 @@ import torch
 import yaml
 from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
-from crabplus.config import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config
+from crabplus.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    config_dict,
+    load_config,
+    resume_differences,
+)
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
 from crabplus.distributed import rank_batches
@@ -257,27 +265,54 @@ def test_a_refused_resume_names_each_key_with_both_values_and_the_ways_out(tiny_
 
 
 @pytest.mark.parametrize(
-    ("subsets", "message"),
+    ("section", "subsets", "message"),
     [
-        ({"ks": -1.0}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got -1.0"),
-        ({"ks": float("nan")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got nan"),
-        ({"ks": float("inf")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got inf"),
-        ({"ks": 0.0, "meld": 0.0}, "data.subsets: every mixing ratio is 0"),
-        ([], "data.subsets: empty"),
-        ({}, "data.subsets: empty"),
+        ("data", {"ks": -1.0}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got -1.0"),
+        ("data", {"ks": float("nan")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got nan"),
+        ("data", {"ks": float("inf")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got inf"),
+        ("data", {"ks": 0.0, "meld": 0.0}, "data.subsets: every mixing ratio is 0"),
+        ("data", [], "data.subsets: empty"),
+        ("data", {}, "data.subsets: empty"),
+        ("data", ["ks", "meld", "ks"], "data.subsets: ['ks'] named more than once"),
+        ("eval", [], "eval.subsets: empty"),
+        ("eval", ["ks", "ks"], "eval.subsets: ['ks'] named more than once"),
     ],
 )
-def test_mixing_ratios_are_refused_when_the_config_loads(tmp_path, subsets, message):
+def test_subset_selections_are_refused_when_the_config_loads(tmp_path, section, subsets, message):
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "absent"), "subsets": subsets},
-                                    "train": {"out": str(tmp_path / "run")}}))  # fmt: skip
+    path.write_text(yaml.safe_dump({section: {"subsets": subsets}, "train": {"out": str(tmp_path / "run")}}))
     with pytest.raises(ValueError) as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: {message}"), err.value
-    flow = "{" + ", ".join(f"{k}: {v}" for k, v in subsets.items()) + "}" if isinstance(subsets, dict) else "[]"
+    flow = yaml.safe_dump(subsets, default_flow_style=True).strip()
     with pytest.raises(ValueError) as err:
-        load_config(CONFIGS / "tiny.yaml", [f"data.subsets={flow}".replace("nan", ".nan").replace("inf", ".inf")])
-    assert str(err.value).startswith("--set 'data.subsets=") and message in str(err.value), err.value
+        load_config(CONFIGS / "tiny.yaml", [f"{section}.subsets={flow}"])
+    assert str(err.value).startswith(f"--set '{section}.subsets=") and message in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("change", "harmless", "blocking"),
+    [
+        ({"train": {"out": "/elsewhere/run"}, "data": {"root": "/elsewhere/run/data"}}, ["train.out"], []),
+        ({"data": {"root": "/other/data"}}, [], ["data.root"]),
+        ({"eval": {"max_samples": 3}, "train": {"save_every": 5, "threads": 2}},
+         ["eval.max_samples", "train.save_every", "train.threads"], []),
+        ({"model": {"ilora_extra": {"balance_loss_coef": 0.1}}, "train": {"max_steps": 9}},
+         [], ["model.ilora_extra", "train.max_steps"]),
+        ({"data": {"subsets": {"ks": 2.0}, "synth": {"seed": 1}}}, [], ["data.subsets", "data.synth.seed"]),
+    ],
+)  # fmt: skip
+def test_resume_differences_sort_each_key(change, harmless, blocking):
+    saved = config_dict(
+        RunConfig(data=DataConfig(root="/runs/a/data", subsets=["ks"]), train=TrainConfig(out="/runs/a"))
+    )
+    now = {section: {**values} for section, values in saved.items()}
+    for section, values in change.items():
+        for key, value in values.items():
+            now[section][key] = {**now[section][key], **value} if key == "synth" else value
+    found = resume_differences(saved, now)
+    assert (list(found[0]), list(found[1])) == (harmless, blocking)
+    assert all(old != new for diff in found for old, new in diff.values())
 
 
 def test_nothing_is_written_when_the_data_cannot_be_used(tiny_data, tmp_path):

@@ -133,18 +133,23 @@ def _check_bound(key: str, value: float | None, low: float, strict: bool, nullab
     raise ValueError(f"{key}: must be {'>' if strict else '>='} {low}{null}, got {value!r}")
 
 
-def _check_subsets(subsets: list[str] | dict[str, float] | None) -> None:
-    """Refuse an empty selection (null means all 19) and mixing ratios that are not finite numbers >= 0 or all 0."""
+def _check_subsets(key: str, subsets: list[str] | dict[str, float] | None, null: str) -> None:
+    """Refuse an empty selection (``null`` says what null means), a name given twice, and mixing ratios that are not
+    finite numbers >= 0 or are all 0."""
     if subsets is None:
         return
     if not subsets:
-        raise ValueError(f"data.subsets: empty ({subsets!r}); name subsets, give {{name: ratio}}, or null for all 19")
+        raise ValueError(f"{key}: empty ({subsets!r}); name subsets, or null for {null}")
+    twice = sorted({name for name in subsets if list(subsets).count(name) > 1})
+    if twice:
+        hint = " (a mixing ratio says how often: {name: 2})" if key == "data.subsets" else ""
+        raise ValueError(f"{key}: {twice} named more than once{hint}")
     ratios = subsets if isinstance(subsets, dict) else {}
     for name, ratio in ratios.items():
         if not (math.isfinite(ratio) and ratio >= 0):
-            raise ValueError(f"data.subsets.{name}: mixing ratio must be a finite number >= 0, got {ratio!r}")
+            raise ValueError(f"{key}.{name}: mixing ratio must be a finite number >= 0, got {ratio!r}")
     if ratios and not any(ratios.values()):
-        raise ValueError(f"data.subsets: every mixing ratio is 0 ({ratios}): nothing to train on")
+        raise ValueError(f"{key}: every mixing ratio is 0 ({ratios}): nothing to train on")
 
 
 @dataclass
@@ -163,7 +168,8 @@ class RunConfig:
             raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
         if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
             raise ValueError(f"train.device: must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
-        _check_subsets(self.data.subsets)
+        _check_subsets("data.subsets", self.data.subsets, "all 19")
+        _check_subsets("eval.subsets", self.eval.subsets, "the training subsets")
         for section in ("data", "eval"):
             for name in getattr(self, section).subsets or ():
                 try:

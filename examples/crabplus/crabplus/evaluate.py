@@ -286,13 +286,15 @@ def _write_record(out: Path, record: dict) -> None:
     os.replace(tmp, out / "eval.json")
 
 
-def _sample_key(subset: str, position: int, file: object, index: object) -> str:
-    return json.dumps([subset, position, file, index])
+def _sample_keys(samples: dict[str, list[Sample]]) -> dict[str, list[str]]:
+    """Per subset, what names each sample in ``predictions.jsonl``: subset, position, file and record index."""
+    return {subset: [json.dumps([subset, i, s.meta.get("file"), s.meta.get("index")]) for i, s in enumerate(group)]
+            for subset, group in samples.items()}  # fmt: skip
 
 
-def done_predictions(path: Path) -> dict[str, str]:
-    """The answers an unfinished evaluation already wrote to ``predictions.jsonl``, by sample; the file is cut back
-    to its whole records (a kill mid-write leaves a partial last line)."""
+def done_predictions(path: Path, keys: set[str]) -> dict[str, str]:
+    """The answers an unfinished evaluation already wrote to ``predictions.jsonl`` for the samples ``keys``
+    (``_sample_keys``); the file is cut back to those whole records (a kill mid-write leaves a partial last line)."""
     done, kept = {}, []
     if path.is_file():
         for line in path.read_text().splitlines(keepends=True):
@@ -300,10 +302,12 @@ def done_predictions(path: Path) -> dict[str, str]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 break
+            key = json.dumps([record["subset"], record["sample"], record["file"], record["index"]])
             if not line.endswith("\n"):
                 break
-            done[_sample_key(record["subset"], record["sample"], record["file"], record["index"])] = record["text"]
-            kept.append(line)
+            if key in keys and key not in done:
+                done[key] = record["text"]
+                kept.append(line)
         path.write_text("".join(kept))
     return done
 
@@ -360,9 +364,10 @@ def evaluate(
     if ckpt is not None:  # a damaged checkpoint is refused before anything is written
         model, processor = load_trained(cfg, ckpt)
     resume = claim_out_dir(out, provenance, overwrite)
-    done = done_predictions(out / "predictions.jsonl") if resume else {}
+    keys = _sample_keys(samples)
+    done = done_predictions(out / "predictions.jsonl", {k for ks in keys.values() for k in ks}) if resume else {}
     try:
-        texts, stopped = _predict_all(cfg, model, processor, samples, out / "predictions.jsonl", done, progress)
+        texts, stopped = _predict_all(cfg, model, processor, samples, keys, out / "predictions.jsonl", done, progress)
     except BaseException as exc:
         _write_record(out, {"provenance": provenance, "complete": False, "failed": f"{type(exc).__name__}: {exc}"})
         raise
@@ -386,20 +391,19 @@ def evaluate(
 
 
 def _predict_all(
-    cfg: RunConfig, model: nn.Module, processor: ChatProcessor, samples: dict[str, list[Sample]], path: Path,
-    done: dict[str, str], progress: bool,
+    cfg: RunConfig, model: nn.Module, processor: ChatProcessor, samples: dict[str, list[Sample]],
+    keys: dict[str, list[str]], path: Path, done: dict[str, str], progress: bool,
 ) -> tuple[dict[str, list[str]], str | None]:  # fmt: skip
-    """Every sample's answer, generating the ones not in ``done`` batch by batch (the batches of an uninterrupted
-    run, so greedy answers do not change with padding) and appending their records to ``path``; stops before the
-    next batch on a SIGINT / SIGTERM: ``(answers so far per subset, the signal or None)``."""
+    """Every sample's answer, generating the ones not in ``done`` (by ``keys``) batch by batch (the batches of an
+    uninterrupted run, so greedy answers do not change with padding) and appending their records to ``path``; stops
+    before the next batch on a SIGINT / SIGTERM: ``(answers so far per subset, the signal or None)``."""
     size = cfg.eval.batch_size
     texts: dict[str, list[str]] = {}
     bar = tqdm(total=sum(map(len, samples.values())), desc="evaluate", unit="sample", disable=not progress)
     with path.open("a") as f, StopSignals(doing="evaluation", after="this batch; the predictions so far are kept"
                                           ) as signals:  # fmt: skip
         for subset, group in samples.items():
-            keys = [_sample_key(subset, i, s.meta.get("file"), s.meta.get("index")) for i, s in enumerate(group)]
-            answers = [done.get(k) for k in keys]
+            answers = [done.get(k) for k in keys[subset]]
             for start in range(0, len(group), size):
                 todo = [i for i in range(start, min(start + size, len(group))) if answers[i] is None]
                 if todo and signals.received:

@@ -97,8 +97,7 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
               f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} cores)")  # fmt: skip
     else:
-        print(f"already trained: {result.run_dir} finished all {result.total_steps} steps before "
-              f"({result.checkpoint}); nothing to train, evaluating that checkpoint")  # fmt: skip
+        print(_already_trained(result) + ", evaluating that checkpoint")
     if result.interrupted:
         return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")
@@ -113,6 +112,12 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     wall = time.perf_counter() - began
     print(f"done in {wall:.0f}s: {', '.join(map(str, plots))}; predictions and metrics in {ev.out_dir}")
     return {"train": result, "eval": ev, "plots": plots, "wall_s": wall}
+
+
+def _already_trained(result) -> str:
+    """What a run that had nothing left to train says, instead of a loss summary of no steps."""
+    return (f"already trained: {result.run_dir} finished all {result.total_steps} steps before ({result.checkpoint}); "
+            "nothing to train")  # fmt: skip
 
 
 def _check_out(path: Path | None) -> None:
@@ -187,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
         if not main_rank:
             return 128 + getattr(signal, result.interrupted, signal.SIGTERM) if result.interrupted else 0
-    print(loss_summary(result.losses))
+    print(loss_summary(result.losses) if result.steps or result.interrupted else _already_trained(result))
     if result.interrupted:
         return _interrupted(result)
     print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")

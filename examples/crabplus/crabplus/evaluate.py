@@ -110,7 +110,11 @@ def load_trained(cfg: RunConfig, checkpoint: str | Path | None = None) -> tuple[
         files = ", ".join(map(str, sorted((ckpt / "adapter").glob("*.safetensors")))) or str(ckpt / "adapter")
         dirs = [d.resolve() for d in checkpoint_dirs(ckpt.parent.parent)]
         older = dirs[: dirs.index(ckpt.resolve())] if ckpt.resolve() in dirs else []
-        fallback = f"evaluate the previous one with --checkpoint {older[-1]}" if older else "no earlier checkpoint"
+        fallback = (
+            f"evaluate the previous one with --checkpoint {older[-1]}"
+            if older
+            else "the run has no earlier checkpoint to fall back to"
+        )
         problem = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(f"checkpoint {ckpt} is damaged: cannot read {files} ({type(exc).__name__}: {problem}); "
                          f"{fallback}") from None  # fmt: skip

@@ -368,13 +368,21 @@ def evaluate(
     if ckpt is not None:  # a damaged checkpoint is refused before anything is written
         model, processor = load_trained(cfg, ckpt)
     resume = claim_out_dir(out, provenance, overwrite)
-    keys = _sample_keys(samples)
-    done = done_predictions(out / "predictions.jsonl", {k for ks in keys.values() for k in ks}) if resume else {}
     try:
-        texts, stopped = _predict_all(cfg, model, processor, samples, keys, out / "predictions.jsonl", done, progress)
-    except BaseException as exc:
+        return _evaluate_into(out, cfg, model, processor, samples, not_evaluated, provenance, resume, progress)
+    except BaseException as exc:  # the folder says why it holds no results (the same call continues it)
         _write_record(out, {"provenance": provenance, "complete": False, "failed": f"{type(exc).__name__}: {exc}"})
         raise
+
+
+def _evaluate_into(
+    out: Path, cfg: RunConfig, model: nn.Module, processor: ChatProcessor, samples: dict[str, list[Sample]],
+    not_evaluated: dict[str, str], provenance: dict, resume: bool, progress: bool,
+) -> EvalResult:  # fmt: skip
+    """``evaluate`` once ``out`` is claimed: predict what is not yet predicted, then score and write the results."""
+    keys = _sample_keys(samples)
+    done = done_predictions(out / "predictions.jsonl", {k for ks in keys.values() for k in ks}) if resume else {}
+    texts, stopped = _predict_all(cfg, model, processor, samples, keys, out / "predictions.jsonl", done, progress)
     counts = (sum(len(t) for t in texts.values()), sum(map(len, samples.values())))
     if stopped is not None:
         _write_record(out, {"provenance": provenance, "complete": False, "interrupted": stopped,

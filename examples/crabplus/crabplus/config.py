@@ -327,14 +327,13 @@ def config_dict(cfg: Any) -> dict:
 
 #: Keys that may differ when a run resumes, as they cannot change the trained weights: where the run folder is named
 #: from, housekeeping, how the global batch is split over processes and how they run (the global batch itself is
-#: checked against the checkpoint), and all of evaluation. Every other key (model, adapter, data, optimizer, learning
-#: rate schedule, seed, steps) must match for the resumed run to continue exactly.
+#: checked against the checkpoint; activation checkpointing recomputes with the same random state), the AVVP test
+#: references, and all of evaluation. Every other key (model, adapter, data, optimizer, learning rate schedule, seed,
+#: steps, precision) must match for the resumed run to continue exactly.
 RESUME_MAY_DIFFER = ("train.out", "train.save_every", "train.keep_checkpoints", "train.threads", "train.device",
                      "train.strategy", "train.deepspeed_config", "train.batch_size", "train.grad_accum",
-                     "data.num_workers", "data.avvp_labels", "eval")  # fmt: skip
+                     "train.gradient_checkpointing", "data.num_workers", "data.avvp_labels", "eval")  # fmt: skip
 _PATH_KEYS = ("data.root", "model.path")
-
-
 _LEAVES = ("data.subsets", "model.ilora_extra")  # free-form mappings, compared whole
 
 

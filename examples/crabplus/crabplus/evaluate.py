@@ -3,7 +3,9 @@
     crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
 
 Each evaluation writes its own folder, ``<run>/eval/<checkpoint>/`` (or ``--out``): ``predictions.jsonl`` (one line
-per sample: subset, ids, prompt, text, parsed structure, parse error, reference), ``metrics.csv`` (subset, family,
+per sample: subset, its position in the subset, file and record index, ids, prompt, text, parsed structure, parse
+error, reference; appended batch by batch, so an interrupted or failed evaluation is continued by the same command,
+``eval.json`` saying ``complete: false`` and why until then), ``metrics.csv`` (subset, family,
 metric, value, note), ``metrics.md`` (the printed table, headed by what produced it), ``eval.json`` (the checkpoint,
 the subsets evaluated and those not evaluated with why, and the whole config), plus ``router_usage.csv`` for I-LoRA
 models. A folder holding another evaluation (another checkpoint, subsets or config) is never overwritten unless

@@ -93,3 +93,49 @@ def test_table_prints_baselines_beside_accuracy_and_notes_cider():
     from crabplus.metrics import score
 
     assert score("avcap", ["a red ball rolls left"], perfect)["cider"] == 0.0  # why the note is needed
+
+
+def test_a_truncated_adapter_is_one_error_naming_the_file_and_leaves_no_evaluation(tiny_data, tmp_path):  # noqa: F811
+    cfg = run_config(tiny_data, tmp_path, max_steps=2, save_every=1)
+    train(cfg, progress=False)
+    weights = tmp_path / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError) as err:
+        evaluate(cfg, progress=False)
+    text = str(err.value)
+    assert str(weights) in text and "--checkpoint" in text and "step-000001" in text and "\n" not in text, text
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_interrupted_evaluation_continues_where_it_stopped(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    cfg = run_config(tiny_data, tmp_path, max_steps=1)
+    train(cfg, progress=False)
+    cfg.eval.batch_size = 1
+    whole = evaluate(cfg, out_dir=tmp_path / "whole", progress=False)
+    import crabplus.evaluate as ev
+
+    predicted, real = [], ev.predict
+
+    def predict_then_fail(model, processor, chunk, **kw):
+        if len(predicted) == 3:
+            raise RuntimeError("out of memory")  # a failure mid-way
+        predicted.extend(chunk)
+        return real(model, processor, chunk, **kw)
+
+    monkeypatch.setattr(ev, "predict", predict_then_fail)
+    with pytest.raises(RuntimeError):
+        evaluate(cfg, progress=False)
+    out = tmp_path / "eval" / "step-000001"
+    record = json.loads((out / "eval.json").read_text())
+    assert record["complete"] is False and "RuntimeError: out of memory" in record["failed"]
+    assert not (out / "metrics.md").exists()
+    with (out / "predictions.jsonl").open("a") as f:
+        f.write(json.dumps({"subset": "ks", "sample": 9, "file": "gone.json", "index": 0, "text": "x"}) + "\n")
+        f.write('{"subset": "ks", "te')  # a line cut short by a kill
+    predicted.clear()
+    monkeypatch.setattr(ev, "predict", lambda *a, **kw: predicted.extend(a[2]) or real(*a, **kw))
+    again = evaluate(cfg, progress=False)
+    assert len(predicted) == 2 * len(SUBSETS) - 3  # only what was not done
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()
+    assert again.scores == whole.scores and json.loads((out / "eval.json").read_text())["complete"] is True

@@ -11,21 +11,28 @@ from crabplus.__main__ import main
 TINY = str(Path(__file__).resolve().parents[2] / "examples" / "crabplus" / "configs" / "tiny.yaml")
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_a_rerun_says_it_was_complete(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main([
+    argv = [
         "demo", "--config", TINY, "--out", str(out), "--quiet",
-        "--set", "data.subsets=[ks, s4]", "--set", "data.synth={train: 3, test: 1, seed: 0, size: 32}",
+        "--set", "data.subsets=[ks, s4, mer24]", "--set", "data.synth={train: 3, test: 1, seed: 0, size: 32}",
         "--set", "data.frame_size=32", "--set", "train.epochs=1", "--set", "model.r=4",
         "--set", "eval.max_new_tokens=4",
-    ])  # fmt: skip
-    printed = capsys.readouterr().out
+    ]  # fmt: skip
+    rc = main(argv)
+    printed = capsys.readouterr()
     assert rc == 0
-    assert "loss: first" in printed and "| action_recognition | ks |" in printed
-    for name in ("loss.png", "router_usage.png", "train_log.csv", "config.yaml", "eval/step-000002/predictions.jsonl",
-                 "eval/step-000002/metrics.md", "eval/step-000002/metrics.csv", "data/ks/train.json"):  # fmt: skip
+    assert "loss: first" in printed.out and "| action_recognition | ks |" in printed.out
+    for name in ("loss.png", "router_usage.png", "train_log.csv", "config.yaml", "eval/step-000003/predictions.jsonl",
+                 "eval/step-000003/metrics.md", "eval/step-000003/metrics.csv", "data/ks/train.json"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert len((out / "train_log.csv").read_text().splitlines()) == 1 + 2  # 6 records, batch 4: 2 steps
+    assert len((out / "train_log.csv").read_text().splitlines()) == 1 + 3  # 9 records, batch 4: 3 steps
+    said = printed.out + printed.err
+    assert said.count("not evaluated") == 1 and "mer24 has no test split" in said, said  # once, with why
+    assert main(argv) == 0  # the same command on the finished run
+    again = capsys.readouterr().out
+    assert "trained 0 steps" not in again and " s/step" not in again
+    assert f"already trained: {out} finished all 3 steps" in again and "step-000003" in again
 
 
 def test_errors_are_reported_by_name(tmp_path, capsys):

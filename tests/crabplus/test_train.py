@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from crabplus import checkpoint
 from crabplus.checkpoint import latest_checkpoint, load_tree, save_tree
-from crabplus.config import DataConfig, EvalConfig, RunConfig, TrainConfig, load_config
+from crabplus.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    config_dict,
+    load_config,
+    resume_differences,
+)
 from crabplus.data.scene import SynthConfig
 from crabplus.data.synth import generate
 from crabplus.distributed import rank_batches
@@ -224,3 +233,94 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads(1) == 3
+
+
+def test_resume_accepts_changes_that_cannot_change_the_weights(tiny_data, tmp_path, monkeypatch, caplog):
+    full = train(run_config(tiny_data, tmp_path / "full"), progress=False)
+    train(run_config(tiny_data, tmp_path / "cut"), stop_after=2, progress=False)
+    monkeypatch.chdir(tmp_path)  # the same folder, named relatively; housekeeping and evaluation settings changed
+    cfg = run_config(tiny_data, Path("cut"), save_every=1, keep_checkpoints=3)
+    cfg.eval.max_new_tokens, cfg.eval.subsets, cfg.data.num_workers = 4, ["ks"], 0
+    with caplog.at_level("INFO", logger="crabplus.train"):
+        rest = train(cfg, progress=False)
+    assert rest.steps == [3, 4, 5] and rest.losses == full.losses[2:]
+    changed = [r.getMessage() for r in caplog.records if "do not change the trained weights" in r.getMessage()]
+    assert len(changed) == 1 and "\n" not in changed[0], caplog.text
+    for text in ("train.save_every 0 -> 1", "train.keep_checkpoints 2 -> 3", "eval.max_new_tokens 8 -> 4",
+                 "eval.subsets null -> [ks]", "train.out"):  # fmt: skip
+        assert text in changed[0], changed[0]
+
+
+def test_a_refused_resume_names_each_key_with_both_values_and_the_ways_out(tiny_data, tmp_path):
+    train(run_config(tiny_data, tmp_path, max_steps=1), progress=False)
+    cfg = run_config(tiny_data, tmp_path, max_steps=1, lr=0.5, seed=3, save_every=1)
+    cfg.model.num_experts = 3
+    with pytest.raises(ValueError) as err:
+        train(cfg, progress=False)
+    text = str(err.value)
+    for key in ("train.lr 0.01 -> 0.5", "train.seed 0 -> 3", "model.num_experts 2 -> 3"):
+        assert key in text, text
+    assert "save_every" not in text and "\n" not in text
+    assert "--set train.lr=0.01" in text and "--out" in text and "delete" not in text
+
+
+@pytest.mark.parametrize(
+    ("section", "subsets", "message"),
+    [
+        ("data", {"ks": -1.0}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got -1.0"),
+        ("data", {"ks": float("nan")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got nan"),
+        ("data", {"ks": float("inf")}, "data.subsets.ks: mixing ratio must be a finite number >= 0, got inf"),
+        ("data", {"ks": 0.0, "meld": 0.0}, "data.subsets: every mixing ratio is 0"),
+        ("data", [], "data.subsets: empty"),
+        ("data", {}, "data.subsets: empty"),
+        ("data", ["ks", "meld", "ks"], "data.subsets: ['ks'] named more than once"),
+        ("eval", [], "eval.subsets: empty"),
+        ("eval", ["ks", "ks"], "eval.subsets: ['ks'] named more than once"),
+    ],
+)
+def test_subset_selections_are_refused_when_the_config_loads(tmp_path, section, subsets, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({section: {"subsets": subsets}, "train": {"out": str(tmp_path / "run")}}))
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {message}"), err.value
+    flow = yaml.safe_dump(subsets, default_flow_style=True).strip()
+    with pytest.raises(ValueError) as err:
+        load_config(CONFIGS / "tiny.yaml", [f"{section}.subsets={flow}"])
+    assert str(err.value).startswith(f"--set '{section}.subsets=") and message in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("change", "harmless", "blocking"),
+    [
+        ({"train": {"out": "/elsewhere/run"}, "data": {"root": "/elsewhere/run/data"}}, ["train.out"], []),
+        ({"data": {"root": "/other/data"}}, [], ["data.root"]),
+        ({"eval": {"max_samples": 3}, "train": {"save_every": 5, "threads": 2}},
+         ["eval.max_samples", "train.save_every", "train.threads"], []),
+        ({"model": {"ilora_extra": {"balance_loss_coef": 0.1}}, "train": {"max_steps": 9}},
+         [], ["model.ilora_extra", "train.max_steps"]),
+        ({"data": {"subsets": {"ks": 2.0}, "synth": {"seed": 1}}}, [], ["data.subsets", "data.synth.seed"]),
+    ],
+)  # fmt: skip
+def test_resume_differences_sort_each_key(change, harmless, blocking):
+    saved = config_dict(
+        RunConfig(data=DataConfig(root="/runs/a/data", subsets=["ks"]), train=TrainConfig(out="/runs/a"))
+    )
+    now = {section: {**values} for section, values in saved.items()}
+    for section, values in change.items():
+        for key, value in values.items():
+            now[section][key] = {**now[section][key], **value} if key == "synth" else value
+    found = resume_differences(saved, now)
+    assert (list(found[0]), list(found[1])) == (harmless, blocking)
+    assert all(old != new for diff in found for old, new in diff.values())
+
+
+def test_nothing_is_written_when_the_data_cannot_be_used(tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "ks").mkdir(parents=True)
+    (empty / "ks" / "train.json").write_text("[]")
+    cfg = run_config(empty, tmp_path / "run")
+    cfg.data.subsets = ["ks"]
+    with pytest.raises(ValueError, match="no usable training records"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

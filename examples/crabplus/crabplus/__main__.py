@@ -3,6 +3,7 @@
     crabplus demo --config examples/crabplus/configs/tiny.yaml --out runs/demo
     crabplus train --config examples/crabplus/configs/tiny.yaml
     torchrun --nproc_per_node 2 -m crabplus train --config ... [--set train.strategy=fsdp]
+    python -m crabplus.launch --nproc_per_node 2 -m crabplus train ...   (torchrun, stopping in one line)
     crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
     crabplus transfer --config examples/crabplus/configs/transfer_tiny.yaml
 
@@ -90,17 +91,20 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     trained_at = time.perf_counter()
     result = train(cfg, progress=progress)
     train_s = time.perf_counter() - trained_at
-    print(loss_summary(result.losses))
-    print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / max(len(result.steps), 1):.2f} s/step "
-          f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores)")  # fmt: skip
+    if result.steps:
+        print(loss_summary(result.losses))
+        print(f"trained {len(result.steps)} steps in {train_s:.0f}s ({train_s / len(result.steps):.2f} s/step "
+              f"with setup, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores)")  # fmt: skip
+    else:
+        print(_already_trained(result) + ", evaluating that checkpoint")
     if result.interrupted:
         return {"train": result, "wall_s": time.perf_counter() - began}
     print("[3/4] evaluating")
     ev = evaluate(cfg, progress=progress)
-    print(ev.table)
-    for subset, why in ev.not_evaluated.items():
-        print(f"not evaluated: {subset} {why}")
+    if ev.interrupted:
+        return {"train": result, "eval": ev, "wall_s": time.perf_counter() - began}
+    print(ev.table)  # its last rows: the subsets not evaluated, with why
     print("[4/4] plots")
     plots = [plot_loss(out / "train_log.csv", out / "loss.png")]
     if ev.usage:
@@ -108,6 +112,12 @@ def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
     wall = time.perf_counter() - began
     print(f"done in {wall:.0f}s: {', '.join(map(str, plots))}; predictions and metrics in {ev.out_dir}")
     return {"train": result, "eval": ev, "plots": plots, "wall_s": wall}
+
+
+def _already_trained(result) -> str:
+    """What a run that had nothing left to train says, instead of a loss summary of no steps."""
+    return (f"already trained: {result.run_dir} finished all {result.total_steps} steps before ({result.checkpoint}); "
+            "nothing to train")  # fmt: skip
 
 
 def _check_out(path: Path | None) -> None:
@@ -121,6 +131,23 @@ def _interrupted(result) -> int:
           f"{result.total_steps}; checkpoint {result.checkpoint}; run the same command to resume",
           file=sys.stderr)  # fmt: skip
     return 128 + getattr(signal, result.interrupted, signal.SIGTERM)
+
+
+def _evaluation_interrupted(ev) -> int:
+    """The one line an interrupted evaluation prints; the exit status of the signal."""
+    done, total = ev.progress
+    print(f"crabplus: {ev.interrupted} during evaluation after {done} of {total} samples; predictions so far kept in "
+          f"{ev.out_dir / 'predictions.jsonl'}; run the same command to continue them", file=sys.stderr)  # fmt: skip
+    return 128 + signal.Signals[ev.interrupted]
+
+
+#: What an interruption outside a training step or evaluation batch keeps, per command.
+_KEPT = {
+    "train": "checkpoints already written are kept and the same command resumes from the newest",
+    "evaluate": "predictions already written are kept and the same command continues them",
+    "demo": "checkpoints and predictions already written are kept and the same command continues from them",
+    "transfer": "finished runs, checkpoints and predictions are kept and the same command continues from them",
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -143,14 +170,18 @@ def _run(args: argparse.Namespace) -> int:
         from crabplus.evaluate import evaluate
 
         ev = evaluate(cfg, args.checkpoint, args.out, progress=progress, overwrite=args.overwrite)
+        if ev.interrupted:
+            return _evaluation_interrupted(ev)
         print(ev.table)
         print(f"wrote {ev.out_dir}")
         return 0
     if args.out:
         cfg.train.out = str(args.out)
     if args.command == "demo":
-        result = demo(cfg, Path(cfg.train.out), progress)["train"]
-        return _interrupted(result) if result.interrupted else 0
+        ran = demo(cfg, Path(cfg.train.out), progress)
+        if ran["train"].interrupted:
+            return _interrupted(ran["train"])
+        return _evaluation_interrupted(ran["eval"]) if ran["eval"].interrupted else 0
     import torch
 
     from crabplus.train import loss_summary, train
@@ -161,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
         if not main_rank:
             return 128 + getattr(signal, result.interrupted, signal.SIGTERM) if result.interrupted else 0
-    print(loss_summary(result.losses))
+    print(loss_summary(result.losses) if result.steps or result.interrupted else _already_trained(result))
     if result.interrupted:
         return _interrupted(result)
     print(f"checkpoint: {result.checkpoint}; log: {result.run_dir / 'train_log.csv'}")
@@ -169,22 +200,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``crabplus`` console script."""
+    """Entry point of the ``crabplus`` console script. Run as a program (``argv`` None), it handles SIGINT and
+    SIGTERM for the whole process (``crabplus.interrupt.command_signals``): one line and 128 + the signal number."""
+    from crabplus.interrupt import command_signals, finished
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f"crabplus {args.command}: error: runs in one process; only `train` takes torchrun / accelerate launch",
               file=sys.stderr)  # fmt: skip
         return 2
+    if argv is None:
+        command_signals()
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside the training loop (loading, evaluating): nothing of this phase to save
-        print(f"crabplus {args.command}: interrupted outside a training step; checkpoints already written are kept "
-              "and the same command continues from them", file=sys.stderr)  # fmt: skip
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:  # outside a training step or an evaluation batch: nothing of this phase to save
+        name = getattr(exc, "signal", "SIGINT")
+        print(f"crabplus {args.command}: {name}: stopped; {_KEPT[args.command]}", file=sys.stderr)
+        return 128 + signal.Signals[name]
+    finally:
+        if argv is None:
+            finished()
 
 
 if __name__ == "__main__":

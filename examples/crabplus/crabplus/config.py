@@ -136,6 +136,25 @@ def _check_bound(key: str, value: float | None, low: float, strict: bool, nullab
     raise ValueError(f"{key}: must be {'>' if strict else '>='} {low}{null}, got {value!r}")
 
 
+def _check_subsets(key: str, subsets: list[str] | dict[str, float] | None, null: str) -> None:
+    """Refuse an empty selection (``null`` says what null means), a name given twice, and mixing ratios that are not
+    finite numbers >= 0 or are all 0."""
+    if subsets is None:
+        return
+    if not subsets:
+        raise ValueError(f"{key}: empty ({subsets!r}); name subsets, or null for {null}")
+    twice = sorted({name for name in subsets if list(subsets).count(name) > 1})
+    if twice:
+        hint = " (a mixing ratio says how often: {name: 2})" if key == "data.subsets" else ""
+        raise ValueError(f"{key}: {twice} named more than once{hint}")
+    ratios = subsets if isinstance(subsets, dict) else {}
+    for name, ratio in ratios.items():
+        if not (math.isfinite(ratio) and ratio >= 0):
+            raise ValueError(f"{key}.{name}: mixing ratio must be a finite number >= 0, got {ratio!r}")
+    if ratios and not any(ratios.values()):
+        raise ValueError(f"{key}: every mixing ratio is 0 ({ratios}): nothing to train on")
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +171,8 @@ class RunConfig:
             raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
         if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
             raise ValueError(f"train.device: must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+        _check_subsets("data.subsets", self.data.subsets, "all 19")
+        _check_subsets("eval.subsets", self.eval.subsets, "the training subsets")
         for section in ("data", "eval"):
             for name in getattr(self, section).subsets or ():
                 try:
@@ -303,3 +324,68 @@ _KEY = re.compile(r"^([\w.]+)(?:\[\d+\])?:")
 def config_dict(cfg: Any) -> dict:
     """The resolved config as plain data (written next to a run's checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ resuming
+
+#: Keys that may differ when a run resumes, as they cannot change the trained weights: where the run folder is named
+#: from, housekeeping, how the global batch is split over processes and how they run (the global batch itself is
+#: checked against the checkpoint; activation checkpointing recomputes with the same random state), the AVVP test
+#: references, and all of evaluation. Every other key (model, adapter, data, optimizer, learning rate schedule, seed,
+#: steps, precision) must match for the resumed run to continue exactly.
+RESUME_MAY_DIFFER = ("train.out", "train.save_every", "train.keep_checkpoints", "train.threads", "train.device",
+                     "train.strategy", "train.deepspeed_config", "train.batch_size", "train.grad_accum",
+                     "train.gradient_checkpointing", "data.num_workers", "data.avvp_labels", "eval")  # fmt: skip
+_PATH_KEYS = ("data.root", "model.path")
+_LEAVES = ("data.subsets", "model.ilora_extra")  # free-form mappings, compared whole
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, down to the fields of the config's dataclasses."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat |= _flat(value, name + ".") if isinstance(value, dict) and name not in _LEAVES else {name: value}
+    return flat
+
+
+def _same_path(key: str, old: Any, new: Any, saved: dict, now: dict) -> bool:
+    """Paths name the same place: both resolve alike, or both lie at the same place inside their run folder (a run
+    folder moved or renamed with its synthetic data in it)."""
+    if key not in _PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if Path(old).resolve() == Path(new).resolve():
+        return True
+    inside = []
+    for path, run in ((old, saved["train.out"]), (new, now["train.out"])):
+        try:
+            inside.append(Path(path).resolve().relative_to(Path(run).resolve()))
+        except ValueError:
+            return False
+    return inside[0] == inside[1]
+
+
+def resume_differences(saved: dict, now: dict) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare the config a run's checkpoints were trained with (``saved``, as ``config_dict`` wrote it) with the
+    config resuming it (``now``): ``(harmless, blocking)``, each ``{dotted key: (old value, new value)}``. Harmless
+    keys are those of ``RESUME_MAY_DIFFER`` (and paths naming the same place); any other difference blocks an exact
+    resume. The one place that decides which keys must match."""
+    old, new = _flat(saved), _flat(now)
+    harmless, blocking = {}, {}
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if before == after or _same_path(key, before, after, old, new):
+            continue
+        may = any(key == k or key.startswith(k + ".") for k in RESUME_MAY_DIFFER)
+        (harmless if may else blocking)[key] = (before, after)
+    return harmless, blocking
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML, as a config file or ``--set`` writes it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``key old -> new; ...`` on one line, values in YAML."""
+    return "; ".join(f"{key} {yaml_value(old)} -> {yaml_value(new)}" for key, (old, new) in changes.items())

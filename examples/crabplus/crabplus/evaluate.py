@@ -3,7 +3,9 @@
     crabplus evaluate --config examples/crabplus/configs/tiny.yaml [--checkpoint DIR] [--out DIR] [--overwrite]
 
 Each evaluation writes its own folder, ``<run>/eval/<checkpoint>/`` (or ``--out``): ``predictions.jsonl`` (one line
-per sample: subset, ids, prompt, text, parsed structure, parse error, reference), ``metrics.csv`` (subset, family,
+per sample: subset, its position in the subset, file and record index, ids, prompt, text, parsed structure, parse
+error, reference; appended batch by batch, so an interrupted or failed evaluation is continued by the same command,
+``eval.json`` saying ``complete: false`` and why until then), ``metrics.csv`` (subset, family,
 metric, value, note), ``metrics.md`` (the printed table, headed by what produced it), ``eval.json`` (the checkpoint,
 the subsets evaluated and those not evaluated with why, and the whole config), plus ``router_usage.csv`` for I-LoRA
 models. A folder holding another evaluation (another checkpoint, subsets or config) is never overwritten unless
@@ -18,11 +20,13 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,13 +36,14 @@ from crabplus.models import build_model
 
 # isort: split
 from crabplus.baselines import BASELINE_NOTE, answer_space_sizes, baselines
-from crabplus.checkpoint import latest_checkpoint, load_weights
+from crabplus.checkpoint import checkpoint_dirs, latest_checkpoint, load_weights
 from crabplus.config import RunConfig, config_dict
 from crabplus.data.batches import open_split
 from crabplus.data.media import read_mask
 from crabplus.distributed import resolve_device
 from crabplus.generate import predict
 from crabplus.interface import Prediction
+from crabplus.interrupt import StopSignals
 from crabplus.metrics import normalize, score
 from crabplus.processor import ChatProcessor
 from crabplus.sample import Sample
@@ -63,6 +68,11 @@ class EvalResult:
     """Per subset, per routed layer: mean routing weight per expert (I-LoRA models only)."""
     not_evaluated: dict[str, str] = field(default_factory=dict)
     """Subsets asked for (or trained on) that were not scored, with why."""
+    interrupted: str | None = None
+    """The signal that stopped the evaluation before every sample was predicted (``"SIGINT"``, ``"SIGTERM"``); the
+    predictions so far are kept and the same call continues them."""
+    progress: tuple[int, int] = (0, 0)
+    """Samples predicted, of all to predict."""
 
 
 def resolve_checkpoint(cfg: RunConfig, checkpoint: str | Path | None = None) -> Path:
@@ -86,7 +96,22 @@ def load_trained(cfg: RunConfig, checkpoint: str | Path | None = None) -> tuple[
     ckpt = resolve_checkpoint(cfg, checkpoint)
     device = resolve_device(cfg.train.device)
     model, processor = build_model(cfg.model)
-    load_weights(model, ckpt / "adapter")
+    try:
+        load_weights(model, ckpt / "adapter")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as exc:
+        files = ", ".join(map(str, sorted((ckpt / "adapter").glob("*.safetensors")))) or str(ckpt / "adapter")
+        dirs = [d.resolve() for d in checkpoint_dirs(ckpt.parent.parent)]
+        older = dirs[: dirs.index(ckpt.resolve())] if ckpt.resolve() in dirs else []
+        fallback = (
+            f"evaluate the previous one with --checkpoint {older[-1]}"
+            if older
+            else "the run has no earlier checkpoint to fall back to"
+        )
+        problem = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"checkpoint {ckpt} is damaged: cannot read {files} ({type(exc).__name__}: {problem}); "
+                         f"{fallback}") from None  # fmt: skip
     return model.to(device).eval(), processor
 
 
@@ -208,13 +233,15 @@ def write_usage_csv(path: Path, usage: dict[str, dict[str, list[float]]]) -> Non
                 writer.writerows([subset, layer, e, f"{w:.6f}"] for e, w in enumerate(weights))
 
 
-def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> None:
+def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> bool:
     """Make ``out`` the folder of the evaluation described by ``provenance``. Refuses a file, and a folder holding
-    another evaluation (different checkpoint, subsets or config) or other files, unless ``overwrite``; the same
-    evaluation again (same provenance) replaces its own identical results."""
+    another evaluation (different checkpoint, subsets or config) or other files, unless ``overwrite``. The same
+    evaluation again replaces its own results when it was complete, and is continued when it was not (interrupted
+    or failed): returns True then, the caller keeping the predictions already written."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file, not a folder")
     record = out / "eval.json"
+    resume = False
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         if not record.is_file():
             raise FileExistsError(f"{out} already holds files that are not an evaluation; use another --out")
@@ -224,14 +251,52 @@ def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> None:
             raise FileExistsError(f"{out} holds the evaluation of another {' and '.join(what)} "
                                   f"({before.get('provenance', {}).get('checkpoint')}); pass --overwrite to replace "
                                   "it or --out for another folder")  # fmt: skip
+        resume = not before.get("complete", False)
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"provenance": provenance, "complete": False}, indent=1) + "\n")
+    results = ("metrics.md", "metrics.csv", "router_usage.csv") + (() if resume else ("predictions.jsonl",))
+    for stale in results:  # of the evaluation being replaced or continued
+        (out / stale).unlink(missing_ok=True)
+    _write_record(out, {"provenance": provenance, "complete": False})
+    return resume
 
 
-def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], results: list, segmenter) -> tuple[dict, str]:
+def _write_record(out: Path, record: dict) -> None:
+    """``eval.json``, atomically: what produced the folder, and whether it is complete (else why not)."""
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out / "eval.json")
+
+
+def _sample_keys(samples: dict[str, list[Sample]]) -> dict[str, list[str]]:
+    """Per subset, what names each sample in ``predictions.jsonl``: subset, position, file and record index."""
+    return {subset: [json.dumps([subset, i, s.meta.get("file"), s.meta.get("index")]) for i, s in enumerate(group)]
+            for subset, group in samples.items()}  # fmt: skip
+
+
+def done_predictions(path: Path, keys: set[str]) -> dict[str, str]:
+    """The answers an unfinished evaluation already wrote to ``predictions.jsonl`` for the samples ``keys``
+    (``_sample_keys``); the file is cut back to those whole records (a kill mid-write leaves a partial last line)."""
+    done, kept = {}, []
+    if path.is_file():
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            key = json.dumps([record["subset"], record["sample"], record["file"], record["index"]])
+            if not line.endswith("\n"):
+                break
+            if key in keys and key not in done:
+                done[key] = record["text"]
+                kept.append(line)
+        path.write_text("".join(kept))
+    return done
+
+
+def _score_subset(cfg: RunConfig, subset: str, group: list[Sample], texts: list[str], segmenter) -> tuple[dict, str]:
     """The subset's scores (with baselines) and its table note."""
     spec = get_task(subset)
-    texts, refs = [t for t, _ in results], [s.meta["reference"] for s in group]
+    refs = [s.meta["reference"] for s in group]
     masks: dict = {}
     note = ""
     if any(m in spec.metrics for m in MASK_METRICS):
@@ -271,43 +336,90 @@ def evaluate(
 ) -> EvalResult:
     """Score the run's model on the configured test subsets and write predictions, tables and router usage into
     ``out_dir`` (default ``<run>/eval/<checkpoint name>``), refusing to replace another evaluation unless
-    ``overwrite``."""
+    ``overwrite``. Predictions are appended one batch at a time: a SIGINT / SIGTERM stops after the current batch
+    (``EvalResult.interrupted``) and a failure is recorded in ``eval.json``; the same call then continues with the
+    samples not yet predicted."""
     ckpt = None if model is not None and processor is not None else resolve_checkpoint(cfg, checkpoint)
     samples, not_evaluated = eval_samples(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.train.out) / "eval" / (ckpt.name if ckpt else "model")
     provenance = _provenance(cfg, ckpt, list(samples))
-    claim_out_dir(out, provenance, overwrite)
-    for subset, why in not_evaluated.items():
-        log.warning("not evaluated: %s %s", subset, why)
-    if ckpt is not None:
+    if ckpt is not None:  # a damaged checkpoint is refused before anything is written
         model, processor = load_trained(cfg, ckpt)
+    resume = claim_out_dir(out, provenance, overwrite)
+    try:
+        return _evaluate_into(out, cfg, model, processor, samples, not_evaluated, provenance, resume, progress)
+    except BaseException as exc:  # the folder says why it holds no results (the same call continues it)
+        _write_record(out, {"provenance": provenance, "complete": False, "failed": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _evaluate_into(
+    out: Path, cfg: RunConfig, model: nn.Module, processor: ChatProcessor, samples: dict[str, list[Sample]],
+    not_evaluated: dict[str, str], provenance: dict, resume: bool, progress: bool,
+) -> EvalResult:  # fmt: skip
+    """``evaluate`` once ``out`` is claimed: predict what is not yet predicted, then score and write the results."""
+    keys = _sample_keys(samples)
+    done = done_predictions(out / "predictions.jsonl", {k for ks in keys.values() for k in ks}) if resume else {}
+    texts, stopped = _predict_all(cfg, model, processor, samples, keys, out / "predictions.jsonl", done, progress)
+    counts = (sum(len(t) for t in texts.values()), sum(map(len, samples.values())))
+    if stopped is not None:
+        _write_record(out, {"provenance": provenance, "complete": False, "interrupted": stopped,
+                            "predicted": counts[0], "samples": counts[1]})  # fmt: skip
+        return EvalResult(out, {}, {}, "", None, not_evaluated, stopped, counts)
     segmenter = _segmenter(cfg.eval.sam2)
     routed = any(isinstance(m, ilora.ILoraLayer) for m in model.modules())
     scores, notes, usage = {}, {}, {}
-    bar = tqdm(total=sum(map(len, samples.values())), desc="evaluate", unit="sample", disable=not progress)
-    with (out / "predictions.jsonl").open("w") as f:
-        for subset, group in samples.items():
-            results = []
-            for start in range(0, len(group), cfg.eval.batch_size):
-                chunk = group[start : start + cfg.eval.batch_size]
-                results += predict(model, processor, chunk, max_new_tokens=cfg.eval.max_new_tokens,
-                                   batch_size=cfg.eval.batch_size)  # fmt: skip
-                bar.update(len(chunk))
-            scores[subset], note = _score_subset(cfg, subset, group, results, segmenter)
-            if note:
-                notes[subset] = note
-            for sample, (text, pred) in zip(group, results):
-                record = dict(subset=subset, file=sample.meta.get("file"), index=sample.meta.get("index"),
-                              ids=sample.meta.get("ids"), prompt=sample.instruction, text=text,
-                              parsed=pred.structure(), error=pred.error,
-                              reference=sample.meta["reference"].structure())  # fmt: skip
-                f.write(json.dumps(record, default=list) + "\n")
-            if routed:
-                usage[subset] = routing_usage(model, processor, group)
-    bar.close()
+    for subset, group in samples.items():
+        scores[subset], note = _score_subset(cfg, subset, group, texts[subset], segmenter)
+        if note:
+            notes[subset] = note
+        if routed:
+            usage[subset] = routing_usage(model, processor, group)
     table = format_table(scores, notes, not_evaluated)
     _write_outputs(out, provenance, scores, notes, not_evaluated, table, usage if routed else None)
-    return EvalResult(out, scores, notes, table, usage if routed else None, not_evaluated)
+    return EvalResult(out, scores, notes, table, usage if routed else None, not_evaluated, None, counts)
+
+
+def _predict_all(
+    cfg: RunConfig, model: nn.Module, processor: ChatProcessor, samples: dict[str, list[Sample]],
+    keys: dict[str, list[str]], path: Path, done: dict[str, str], progress: bool,
+) -> tuple[dict[str, list[str]], str | None]:  # fmt: skip
+    """Every sample's answer, generating the ones not in ``done`` (by ``keys``) batch by batch (the batches of an
+    uninterrupted run, so greedy answers do not change with padding) and appending their records to ``path``; stops
+    before the next batch on a SIGINT / SIGTERM: ``(answers so far per subset, the signal or None)``."""
+    size = cfg.eval.batch_size
+    texts: dict[str, list[str]] = {}
+    bar = tqdm(total=sum(map(len, samples.values())), desc="evaluate", unit="sample", disable=not progress)
+    with path.open("a") as f, StopSignals(doing="evaluation", after="this batch; the predictions so far are kept"
+                                          ) as signals:  # fmt: skip
+        for subset, group in samples.items():
+            answers = [done.get(k) for k in keys[subset]]
+            for start in range(0, len(group), size):
+                todo = [i for i in range(start, min(start + size, len(group))) if answers[i] is None]
+                if todo and signals.received:
+                    texts[subset] = [a for a in answers if a is not None]
+                    bar.close()
+                    return texts, signals.received
+                if todo:
+                    chunk = group[start : start + size]
+                    results = predict(model, processor, chunk, max_new_tokens=cfg.eval.max_new_tokens, batch_size=size)
+                    for i, (text, pred) in zip(range(start, start + len(chunk)), results):
+                        if answers[i] is None:
+                            answers[i] = text
+                            f.write(json.dumps(_record(subset, i, group[i], text, pred), default=list) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                bar.update(min(size, len(group) - start))
+            texts[subset] = answers
+    bar.close()
+    return texts, None
+
+
+def _record(subset: str, position: int, sample: Sample, text: str, pred: Prediction) -> dict:
+    """One line of ``predictions.jsonl``."""
+    return dict(subset=subset, sample=position, file=sample.meta.get("file"), index=sample.meta.get("index"),
+                ids=sample.meta.get("ids"), prompt=sample.instruction, text=text, parsed=pred.structure(),
+                error=pred.error, reference=sample.meta["reference"].structure())  # fmt: skip
 
 
 def _write_outputs(out: Path, provenance: dict, scores: dict, notes: dict, not_evaluated: dict, table: str,
@@ -324,5 +436,4 @@ def _write_outputs(out: Path, provenance: dict, scores: dict, notes: dict, not_e
                          for subset, why in not_evaluated.items())  # fmt: skip
     if usage is not None:
         write_usage_csv(out / "router_usage.csv", usage)
-    record = {"provenance": provenance, "complete": True, "not_evaluated": not_evaluated}
-    (out / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
+    _write_record(out, {"provenance": provenance, "complete": True, "not_evaluated": not_evaluated})

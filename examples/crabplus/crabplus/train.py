@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 import ilora
 from crabplus.checkpoint import checkpoint_dirs, latest_checkpoint, load_state, load_weights, save_checkpoint
-from crabplus.config import RunConfig, config_dict
+from crabplus.config import RunConfig, config_dict, describe_changes, resume_differences, yaml_value
 from crabplus.data.avuie import LoadReport
 from crabplus.data.batches import BatchCollator, open_split
 from crabplus.distributed import World, build_engine, deepspeed_config, init_world, rank_batches, resolve_strategy
@@ -44,30 +45,32 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 # ----------------------------------------------------------------------------------------------------- training
 
 
-# May change when a run resumes: how the global batch is split over processes, and how they run.
-_RESUMABLE_CHANGES = {"train.batch_size", "train.grad_accum", "train.strategy", "train.deepspeed_config",
-                      "train.threads", "train.device", "data.num_workers"}  # fmt: skip
-
-
-def _check_run_dir(run_dir: Path, cfg: Any, write: bool = True) -> None:
+def check_resume(run_dir: Path, cfg: RunConfig, announce: bool = True) -> None:
+    """Refuse to resume the checkpoints in ``run_dir`` with a config that changes the trained weights, naming each
+    differing key with its old and new value and the ways out; log differences that cannot change them (one line,
+    when ``announce``). Which keys must match: ``crabplus.config.resume_differences``."""
     saved = run_dir / "config.yaml"
-    resolved = config_dict(cfg)
-    if latest_checkpoint(run_dir) is not None and saved.is_file():
-        before = yaml.safe_load(saved.read_text())
-        diff = sorted(
-            key
-            for s in resolved
-            for k in resolved[s]
-            if before.get(s, {}).get(k) != resolved[s][k] and (key := f"{s}.{k}") not in _RESUMABLE_CHANGES
-        )
-        if diff:
-            raise ValueError(f"{run_dir} holds checkpoints of a different config (differs in {diff}); "
-                             "use another train.out or delete the run directory")  # fmt: skip
-    if write:  # atomically: other ranks may be reading it
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        os.replace(tmp, saved)
+    if latest_checkpoint(run_dir) is None or not saved.is_file():
+        return
+    harmless, blocking = resume_differences(yaml.safe_load(saved.read_text()), config_dict(cfg))
+    if blocking:
+        back = " ".join("--set " + shlex.quote(f"{key}={yaml_value(old)}") for key, (old, _) in blocking.items())
+        raise ValueError(f"{run_dir} holds checkpoints trained with another config, differing in what changes the "
+                         f"trained weights: {describe_changes(blocking)}; to resume this run, set them back "
+                         f"({back}); to train with the new values, start a new run folder (--out NEW_DIR, or "
+                         "train.out)")  # fmt: skip
+    if harmless and announce:
+        log.warning("resuming %s with changes that do not change the trained weights: %s", run_dir,
+                    describe_changes(harmless))  # fmt: skip
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    """``config.yaml``, the resolved config, written atomically (other ranks may be reading it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    tmp = saved.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    os.replace(tmp, saved)
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, str]]:
@@ -174,11 +177,13 @@ class Trainer:
         torch.set_num_threads(t.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         self.strategy = resolve_strategy(t.strategy, self.world)
         self.run_dir = Path(t.out)
-        _check_run_dir(self.run_dir, self.cfg, write=self.world.main)  # every rank refuses a foreign run
-        self.world.barrier()
+        check_resume(self.run_dir, self.cfg, announce=self.world.main)  # every rank refuses a foreign run
+        self.world.barrier()  # every rank has read config.yaml before it is replaced
         seed_step(t.seed, 0, 0)  # the same initialization on every rank
         self._setup_data()
         self._setup_model()
+        if self.world.main:  # only once the config, data and model are known to be usable
+            _write_config(self.run_dir, self.cfg)
         self.checkpoint = latest_checkpoint(self.run_dir)
         state = self._read_checkpoint() if self.checkpoint is not None else None
         self._setup_optimizer()

@@ -134,6 +134,7 @@ def run_transfer(cfg: TransferRunConfig, progress: bool = True) -> list[Transfer
     Finished runs are kept: running again resumes and re-scores."""
     from crabplus.data.synth import synthesize
     from crabplus.evaluate import evaluate
+    from crabplus.interrupt import Interrupted
     from crabplus.plots import plot_router_usage
     from crabplus.train import loss_summary, train
 
@@ -150,7 +151,9 @@ def run_transfer(cfg: TransferRunConfig, progress: bool = True) -> list[Transfer
             print(f"transfer: {adapter} on {name}")
             result = train(run, progress=progress)
             print(f"  {loss_summary(result.losses)}")
-            ev = evaluate(run, progress=progress)
+            ev = None if result.interrupted else evaluate(run, progress=progress)
+            if ev is None or ev.interrupted:  # the runs so far are kept; the same command continues
+                raise Interrupted(result.interrupted or ev.interrupted)
             if name == "all":
                 multi[adapter] = ev.scores
                 if ev.usage:

@@ -21,7 +21,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import context, losses
-from ._peft import PREFIX, base_tuner_has
+from ._peft import PREFIX, adopt_peft_021_adapter_rules, base_tuner_has, peft_model_has, set_adapter_trainable
 from .config import ILoraConfig
 from .context import TASK_IDS_KWARG, routing_context
 from .integrations.trl import DeclaredRouterLoss, fused_output
@@ -89,6 +89,16 @@ class ILoraModel(BaseTuner):
                 if name == "model":
                     raise
                 return getattr(self.model, name)
+
+    if not peft_model_has("set_requires_grad"):  # older peft (0.15): its PeftModel's own adapter rules differ
+
+        def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            # peft 0.15's PeftModel calls this last in __init__ and in load_adapter, after making the adapter's
+            # modules_to_save copies trainable: an adapter in inference mode is frozen whole, as peft 0.21 does.
+            if self.peft_config[adapter_name].inference_mode:
+                set_adapter_trainable(self.model, adapter_name, requires_grad=False)
+            adopt_peft_021_adapter_rules(sys._getframe(1).f_locals.get("self"), self)
 
     # ------------------------------------------------------------------------------- per-call routing state
     def forward(self, *args: Any, **kwargs: Any) -> Any:

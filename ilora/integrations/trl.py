@@ -11,6 +11,7 @@ Under a coefficient other than 1.0 (a MoE base model's own), the term is divided
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -25,6 +26,12 @@ def fused_output(output: Any) -> bool:
     return isinstance(output, dict) and "log_probs" in output
 
 
+def _declares_router_loss(config_cls: type) -> bool:
+    """Whether the config class itself declares ``output_router_logits`` (a MoE model's: a dataclass field in
+    transformers >= 5.24, an ``__init__`` argument before); read from the class, not an instance ilora may have set."""
+    return hasattr(config_cls, OWN_LOSS_FIELD) or OWN_LOSS_FIELD in inspect.signature(config_cls.__init__).parameters
+
+
 class DeclaredRouterLoss:
     """Sets ``output_router_logits = False`` and ``router_aux_loss_coef = 1.0`` on a text config that has neither
     (a dense model) until ``remove()``; a config that declares them (a MoE model) is left as it is."""
@@ -33,7 +40,7 @@ class DeclaredRouterLoss:
         config = getattr(model, "config", None)
         get_text_config = getattr(config, "get_text_config", None)
         self.config = get_text_config() if callable(get_text_config) else None
-        self.declared = self.config is not None and not hasattr(self.config, OWN_LOSS_FIELD)
+        self.declared = self.config is not None and not _declares_router_loss(type(self.config))
         if self.declared:
             setattr(self.config, OWN_LOSS_FIELD, False)
             setattr(self.config, COEF_FIELD, DECLARED_COEF)

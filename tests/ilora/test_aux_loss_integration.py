@@ -233,3 +233,27 @@ def test_sft_evaluation_and_unload_leave_the_declared_router_loss_fields_consist
     assert config.output_router_logits and config.router_aux_loss_coef == 1.0  # enabled by TRL
     base = trainer.model.unload()
     assert not hasattr(base.config, "output_router_logits") and not hasattr(base.config, "router_aux_loss_coef")
+
+
+def test_sft_trainer_on_a_mixture_of_experts_base_adds_its_router_loss_and_ilora_s(tmp_path) -> None:
+    # A MoE base declares output_router_logits itself: TRL adds router_aux_loss_coef * (its aux_loss + ILoRA's / coef).
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        max_position_embeddings=64, tie_word_embeddings=False))  # fmt: skip
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=2, target_modules=["q_proj", "v_proj"],
+                            balance_loss_coef=COEF)  # fmt: skip
+    trainer = SFTTrainer(model=base, args=SFTConfig(**_trainer_args(tmp_path)), train_dataset=_tokens(),
+                         processing_class=_tokenizer(), peft_config=cfg)  # fmt: skip
+    model, batch = trainer.model, _sft_batch(trainer)
+    model.train()
+    assert trainer.aux_loss_enabled
+    loss = trainer.compute_loss(model, dict(batch))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    moe = model(**inputs, output_router_logits=True).aux_loss
+    torch.testing.assert_close(loss, _by_hand(model, batch) + 0.02 * moe)
+    assert model.get_base_model().config.router_aux_loss_coef == 0.02  # the base model's own, left as it was

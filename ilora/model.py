@@ -3,7 +3,9 @@
 Adapter management (``set_adapter``, ``delete_adapter``, enabling and disabling, trainability) is PEFT's own
 ``BaseTuner`` where the installed peft has it (0.21 does, 0.15 does not); where it lacks a method, the one defined
 below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapter`` and go with ``delete_adapter``,
-``inference_mode`` freezes the adapter, a merged adapter cannot be deleted).
+``inference_mode`` freezes the adapter, a merged adapter cannot be deleted). Where peft 0.15's ``PeftModel`` itself
+differs from 0.21's (trainability on ``add_adapter``/``load_adapter``, deleting the active adapter), the ILoRA
+``PeftModel`` is given 0.21's rules (``_peft.adopt_peft_021_adapter_rules``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Adapter management (``set_adapter``, ``delete_adapter``, enabling and disabling, trainability) is PEFT's own
 ``BaseTuner`` where the installed peft has it (0.21 does, 0.15 does not); where it lacks a method, the one defined
 below does what peft 0.21's does (``modules_to_save`` copies follow ``set_adapter`` and go with ``delete_adapter``,
-``inference_mode`` freezes the adapter, a merged adapter cannot be deleted).
+``inference_mode`` freezes the adapter, a merged adapter cannot be deleted). Where peft 0.15's ``PeftModel`` itself
+differs from 0.21's (trainability on ``add_adapter``/``load_adapter``, deleting the active adapter), the ILoRA
+``PeftModel`` is given 0.21's rules (``_peft.adopt_peft_021_adapter_rules``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import context, losses
-from ._peft import PREFIX, base_tuner_has
+from ._peft import PREFIX, adopt_peft_021_adapter_rules, base_tuner_has, peft_model_has, set_adapter_trainable
 from .config import ILoraConfig
 from .context import ROUTER_INPUTS_KWARG, TASK_IDS_KWARG, routing_context
+from .integrations.trl import DeclaredRouterLoss, fused_output
 from .layer import ILoraLayer, Linear, MergeNotSupportedError, link_router_groups
 
 
@@ -72,6 +75,9 @@ class ILoraModel(BaseTuner):
             self._hooks.append(_InstanceAttribute(self.model, "generate", self.generate))
         # On the wrapped model, not in forward(): PEFT's generic PeftModel calls the wrapped model directly.
         self._hooks.append(self.model.register_forward_hook(self._add_aux_loss_to_output, with_kwargs=True))
+        # TRL's trainers add `router_aux_loss_coef * outputs.aux_loss` for models whose config declares it.
+        self._router_loss_fields = DeclaredRouterLoss(self.model)
+        self._hooks.append(self._router_loss_fields)
         self._aux_reads_at_unused_stats: int | None = None
         self._warned_unused_stats = False
 
@@ -94,6 +100,16 @@ class ILoraModel(BaseTuner):
                     raise
                 return getattr(self.model, name)
 
+    if not peft_model_has("set_requires_grad"):  # older peft (0.15): its PeftModel's own adapter rules differ
+
+        def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            # peft 0.15's PeftModel calls this last in __init__ and in load_adapter, after making the adapter's
+            # modules_to_save copies trainable: an adapter in inference mode is frozen whole, as peft 0.21 does.
+            if self.peft_config[adapter_name].inference_mode:
+                set_adapter_trainable(self.model, adapter_name, requires_grad=False)
+            adopt_peft_021_adapter_rules(sys._getframe(1).f_locals.get("self"), self)
+
     # ------------------------------------------------------------------------------- per-call routing state
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Through __call__, not .forward, so the hooks that capture the routing state of this call run.
@@ -113,6 +129,7 @@ class ILoraModel(BaseTuner):
         # signals arrive as the keywords TASK_IDS_KWARG and ROUTER_INPUTS_KWARG (PEFT's task-specific models keep
         # `task_ids` for their own prompt methods); sequence routers need this call's attention mask; cached decode
         # steps reuse the prompt's routing and take the signal of their new tokens.
+        self._router_loss_fields.before_call(kwargs)
         context.enter_call(
             module,
             task_ids=kwargs.pop(TASK_IDS_KWARG, None),
@@ -133,42 +150,54 @@ class ILoraModel(BaseTuner):
     # ------------------------------------------------------------------------------------------ router losses
     def _add_aux_loss_to_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Add ``ilora.aux_loss`` to the loss of a training call with labels, as transformers' MoE models add
-        ``router_aux_loss_coef * aux_loss``; the term is also returned as ``output.ilora_aux_loss``.
+        ``router_aux_loss_coef * aux_loss``; the term is also returned as ``output.ilora_aux_loss``. TRL's fused LM
+        head's output (``log_probs``, from which TRL computes the loss itself) gets it in ``aux_loss`` too, which
+        TRL's trainers add (``ilora.integrations.trl``).
 
         Under data parallelism the router statistics are those of the global batch (``losses.data_parallel_group``).
         When the caller normalizes the task loss over an accumulated batch (``num_items_in_batch``, as
         ``transformers.Trainer`` does), the term is weighted by this call's share of those label tokens
         (``losses.label_share``), so the accumulated calls together add it once.
         """
-        if not module.training:
-            return output
+        fused = fused_output(output)
+        term = self._router_loss_term(module, kwargs, output, fused) if module.training else None
+        if term is not None:
+            output["loss"] = output["loss"] + term.to(output["loss"].dtype)
+            try:  # an attribute, not a key: DDP rebuilds a ModelOutput from its declared fields
+                output.ilora_aux_loss = term.detach()
+            except AttributeError:
+                output["ilora_aux_loss"] = term.detach()
+        if fused:
+            self._router_loss_fields.expose_aux_loss(output, term)
+        return output
+
+    def _router_loss_term(self, module: nn.Module, kwargs: dict, output: Any, fused: bool) -> torch.Tensor | None:
+        """This training call's weighted router losses for its output's loss; None when it adds none."""
         collected = [name for layer in ilora_layers(module) for name in layer.aux_stats]
         if not collected:
-            return output
+            return None
+        if losses.caller_adds():  # the caller reads ilora.aux_loss itself
+            self._aux_reads_at_unused_stats = None
+            return None
         self._warn_if_router_losses_went_unused()
         configs = [self.peft_config[name] for name in set(collected) if name in self.peft_config]
         labels = kwargs.get("labels")
-        if labels is None or losses.caller_adds() or not all(c.aux_loss_in_output for c in configs):
+        if labels is None or not all(c.aux_loss_in_output for c in configs):
             self._aux_reads_at_unused_stats = losses.aux_loss_reads()
-            return output
+            return None
         loss = output.get("loss") if isinstance(output, dict) else None
-        if loss is None or "log_probs" in output:
+        if loss is None or (fused and not self._router_loss_fields.trainer_adds_aux_loss()):
             raise ValueError(
                 f"ILoRA router losses (ILoraConfig.balance_loss_coef / router_z_loss_coef) cannot be added to this "
                 f"call's loss: the model returned {type(output).__name__} and its caller computes the loss outside "
-                "the model (TRL's trainers do, from log_probs) or gets a tuple. With a transformers/TRL trainer, mix "
-                "in ilora.integrations.transformers.AuxLossMixin (class T(AuxLossMixin, SFTTrainer): pass); "
-                "otherwise set aux_loss_in_output=False and add ilora.aux_loss(model) to your loss."
+                "the model without adding outputs.aux_loss (a TRL trainer with router_aux_loss_coef=0) or gets a "
+                "tuple. With a transformers/TRL trainer, mix in ilora.integrations.transformers.AuxLossMixin (class "
+                "T(AuxLossMixin, SFTTrainer): pass); otherwise set aux_loss_in_output=False and add "
+                "ilora.aux_loss(model) to your loss."
             )
         group = losses.data_parallel_group()
         share = losses.label_share(module, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), group)
-        aux = losses.aux_loss(module, group) * share
-        output["loss"] = loss + aux.to(loss.dtype)
-        try:  # an attribute, not a key: DDP rebuilds a ModelOutput from its declared fields
-            output.ilora_aux_loss = aux.detach()
-        except AttributeError:
-            output["ilora_aux_loss"] = aux.detach()
-        return output
+        return losses.aux_loss(module, group) * share
 
     def _warn_if_router_losses_went_unused(self) -> None:
         # Statistics of an earlier training call were left to the user; no aux_loss call has read any since.
@@ -178,9 +207,9 @@ class ILoraModel(BaseTuner):
         own_loss = _trainer_computing_its_own_loss()
         if own_loss is not None:
             raise ValueError(
-                f"ILoRA router losses (balance_loss_coef / router_z_loss_coef) would be dropped: transformers.Trainer "
-                f"with {own_loss} takes the labels off and computes the loss itself, so the model's loss, which "
-                "carries them, is never used. Train with ilora.ILoraTrainer, or mix "
+                f"ILoRA router losses (balance_loss_coef / router_z_loss_coef) would be dropped: {own_loss} takes the "
+                "labels off and computes the loss itself, so the model's loss, which carries them, is never used. "
+                "Train with ilora.ILoraTrainer, or mix "
                 "ilora.integrations.transformers.AuxLossMixin into your Trainer class (class T(AuxLossMixin, "
                 "Trainer): pass), or set balance_loss_coef and router_z_loss_coef to 0"
             )
@@ -389,8 +418,9 @@ class ILoraModel(BaseTuner):
 
 
 def _trainer_computing_its_own_loss() -> str | None:
-    """The setting (``compute_loss_func`` or ``label_smoothing_factor``) by which a ``transformers.Trainer`` whose
-    own ``compute_loss`` is on the call stack computes the loss without the model's; None when there is none.
+    """The ``transformers.Trainer`` (TRL's included) whose ``compute_loss`` is on the call stack and computes the loss
+    without the model's, named with the setting that makes it (``compute_loss_func``, ``label_smoothing_factor``);
+    None when there is none.
 
     Read from the stack (only when a training call finds the previous call's router statistics unread): that
     ``compute_loss`` calls the model without labels and never reads ``ilora.aux_loss``.
@@ -398,15 +428,18 @@ def _trainer_computing_its_own_loss() -> str | None:
     trainer_module = sys.modules.get("transformers.trainer")
     if trainer_module is None:
         return None
-    code = trainer_module.Trainer.compute_loss.__code__
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not code:
+    while frame is not None:
+        trainer = frame.f_locals.get("self") if frame.f_code.co_name == "compute_loss" else None
+        if isinstance(trainer, trainer_module.Trainer):
+            break
         frame = frame.f_back
-    trainer = None if frame is None else frame.f_locals.get("self")
-    if getattr(trainer, "compute_loss_func", None) is not None:
-        return "compute_loss_func"
-    if getattr(trainer, "label_smoother", None) is not None:
-        return "label_smoothing_factor"
+    else:
+        return None
+    settings = (("compute_loss_func", "compute_loss_func"), ("label_smoothing_factor", "label_smoother"))
+    for setting, attribute in settings:
+        if getattr(trainer, attribute, None) is not None:
+            return f"{type(trainer).__name__} with {setting}"
     return None
 
 

@@ -24,7 +24,9 @@ class AuxLossMixin:
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
         with caller_adds_aux_loss():
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
+            # return_outputs passed on: TRL's trainers run one more forward for the outputs when asked for them.
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)  # type: ignore[misc]
+        loss, outputs = result if return_outputs else (result, None)
         if model.training:
             aux = aux_loss(model, data_parallel_group()).to(loss.dtype)
             if self._task_loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):

@@ -150,32 +150,110 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
 
 
-def test_trl_sft_trainer_refuses_to_drop_them_and_trains_them_with_the_mixin(tmp_path) -> None:
+def _by_hand(model: torch.nn.Module, batch: dict, num_items: int | None = None, steps: int = 1) -> torch.Tensor:
+    """The reference: next-token cross-entropy from the logits (over ``num_items`` label tokens when given, as
+    ``transformers.Trainer`` normalizes over an accumulated batch) plus the same call's router losses / ``steps``."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum")
+    return total / (labels.ne(-100).sum() if num_items is None else num_items) + ilora.aux_loss(model) / steps
+
+
+def _sft_trainer(tmp_path, cls: type | None = None, **extra):
     from trl import SFTConfig, SFTTrainer
 
-    def trainer(cls: type) -> SFTTrainer:
-        cfg = ilora.ILoraConfig(r=4, num_experts=4, target_modules=targets("llama"), balance_loss_coef=0.01)
-        args = SFTConfig(**_trainer_args(tmp_path / cls.__name__))
-        return cls(model=build("llama"), args=args, train_dataset=_tokens(), processing_class=_tokenizer(),
-                   peft_config=cfg)  # fmt: skip
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=2, target_modules=targets("llama"),
+                            balance_loss_coef=COEF, router_z_loss_coef=0.01)  # fmt: skip
+    args = SFTConfig(**_trainer_args(tmp_path / "sft", **extra))
+    return (cls or SFTTrainer)(model=build("llama"), args=args, train_dataset=_tokens(), processing_class=_tokenizer(),
+                               peft_config=cfg)  # fmt: skip
 
-    # TRL computes its loss from the model's log-probabilities, outside the model: the model cannot add the term.
-    with pytest.raises(ValueError, match=r"AuxLossMixin"):
-        trainer(SFTTrainer).train()
+
+def _sft_batch(trainer) -> dict:
+    return dict(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+
+
+@pytest.mark.parametrize("path", ["SFTTrainer", "AuxLossMixin+SFTTrainer", "ILoraTrainer", "torch loop"])
+def test_the_training_loss_is_the_task_loss_plus_the_router_losses_by_hand(tmp_path, path: str) -> None:
+    from trl import SFTTrainer
 
     class ILoraSFTTrainer(AuxLossMixin, SFTTrainer):
         pass
 
-    sft = trainer(ILoraSFTTrainer)
-    model = sft.model
+    cls = {"SFTTrainer": SFTTrainer, "AuxLossMixin+SFTTrainer": ILoraSFTTrainer}.get(path)
+    trainer = _sft_trainer(tmp_path, cls or SFTTrainer)
+    model, batch = trainer.model, _sft_batch(trainer)
+    if path == "ILoraTrainer":
+        trainer = ilora.ILoraTrainer(model=model, args=TrainingArguments(**_trainer_args(tmp_path / "t")))
     model.train()
-    batch = sft.data_collator([sft.train_dataset[i] for i in range(4)])
-    loss = sft.compute_loss(model, dict(batch))
-    router = ilora.aux_loss(model)
-    with caller_adds_aux_loss():
-        task = SFTTrainer.compute_loss(sft, model, dict(batch))
-    assert router.item() >= 0.01
-    torch.testing.assert_close(loss, task + router)
-    sft.train()
-    sft.save_model(str(tmp_path / "saved"))
+    loss = model(**batch).loss if path == "torch loop" else trainer.compute_loss(model, dict(batch))
+    expected = _by_hand(model, batch)
+    assert ilora.aux_loss(model).item() >= COEF  # the balance loss is >= 1 at any routing
+    torch.testing.assert_close(loss, expected)
+
+
+def test_plain_sft_trainer_adds_the_router_losses_once_per_accumulated_batch_and_trains_them(tmp_path) -> None:
+    trainer = _sft_trainer(tmp_path, gradient_accumulation_steps=2)
+    model, batch = trainer.model, _sft_batch(trainer)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    items = 2 * int(batch["labels"][:, 1:].ne(-100).sum())  # this micro-batch and another as large
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(items))
+    torch.testing.assert_close(loss, _by_hand(model, batch, num_items=items, steps=2))
+    router = ilora.ilora_layers(model)[0].ilora_router["default"].weight
+    before = router.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, router.detach())
+    logged = [row["aux_loss"] for row in trainer.state.log_history if "aux_loss" in row]
+    assert logged and min(logged) >= COEF  # TRL logs outputs.aux_loss, ILoRA's router losses
+    trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"label_smoothing_factor": 0.1}, r"SFTTrainer with label_smoothing_factor.*AuxLossMixin"),
+        ({"router_aux_loss_coef": 0.0}, r"router_aux_loss_coef=0.*AuxLossMixin"),
+        ({"router_aux_loss_coef": 0.5}, r"router_aux_loss_coef=0.5.*ILoraConfig.balance_loss_coef"),
+    ],
+)
+def test_sft_trainer_settings_that_would_drop_or_reweigh_the_router_losses_refuse(tmp_path, extra, match) -> None:
+    # Label smoothing computes the loss from logits and never adds outputs.aux_loss; a TRL coefficient of 0 turns
+    # TRL's aux_loss path off; another coefficient would weigh them twice over (ILoraConfig holds theirs).
+    with pytest.raises(ValueError, match=match):
+        _sft_trainer(tmp_path, **extra).train()
+
+
+def test_sft_evaluation_and_unload_leave_the_declared_router_loss_fields_consistent(tmp_path) -> None:
+    trainer = _sft_trainer(tmp_path)
+    trainer.eval_dataset = trainer.train_dataset
+    assert trainer.evaluate()["eval_loss"] > 0  # TRL reads outputs.aux_loss in evaluation too: 0 there
+    config = trainer.model.get_base_model().config
+    assert config.output_router_logits and config.router_aux_loss_coef == 1.0  # enabled by TRL
+    base = trainer.model.unload()
+    assert not hasattr(base.config, "output_router_logits") and not hasattr(base.config, "router_aux_loss_coef")
+
+
+def test_sft_trainer_on_a_mixture_of_experts_base_adds_its_router_loss_and_ilora_s(tmp_path) -> None:
+    # A MoE base declares output_router_logits itself: TRL adds router_aux_loss_coef * (its aux_loss + ILoRA's / coef).
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        max_position_embeddings=64, tie_word_embeddings=False))  # fmt: skip
+    cfg = ilora.ILoraConfig(r=4, num_experts=4, routing="topk", top_k=2, target_modules=["q_proj", "v_proj"],
+                            balance_loss_coef=COEF)  # fmt: skip
+    trainer = SFTTrainer(model=base, args=SFTConfig(**_trainer_args(tmp_path)), train_dataset=_tokens(),
+                         processing_class=_tokenizer(), peft_config=cfg)  # fmt: skip
+    model, batch = trainer.model, _sft_batch(trainer)
+    model.train()
+    assert trainer.aux_loss_enabled
+    loss = trainer.compute_loss(model, dict(batch))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    moe = model(**inputs, output_router_logits=True).aux_loss
+    torch.testing.assert_close(loss, _by_hand(model, batch) + 0.02 * moe)
+    assert model.get_base_model().config.router_aux_loss_coef == 0.02  # the base model's own, left as it was

@@ -114,9 +114,12 @@ def _trainer_losses(out: Path, processes: int, per_device: int, trainer: str) ->
 def test_trainer_under_torchrun_matches_one_process(tmp_path) -> None:
     # The logged loss includes the balance loss: per-rank aux losses (no reduction) differ here by ~1e-3 relative.
     # ILoraTrainer adds it in compute_loss; with the plain Trainer the model adds it to its own loss (weighted by the
-    # call's share of the batch's label tokens, which is 1 here: no accumulation), so both match one process.
+    # call's share of the batch's label tokens, which is 1 here: no accumulation); TRL's SFTTrainer adds the model's
+    # aux_loss to the loss it computes from log-probabilities. All match one process.
     single = _trainer_losses(tmp_path / "one", 1, 4, "ILoraTrainer")
-    for trainer in ("ILoraTrainer", "Trainer"):
+    for trainer in ("ILoraTrainer", "Trainer", "SFTTrainer"):
+        if trainer == "SFTTrainer":  # its fused log-probabilities round differently from the logits' cross-entropy
+            single = _trainer_losses(tmp_path / "one_sft", 1, 4, trainer)
         two = _trainer_losses(tmp_path / trainer, 2, 2, trainer)
         assert len(single) == len(two) == 4
         torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-5, atol=0, msg=trainer)

@@ -1,8 +1,9 @@
-"""``ILoraTrainer`` (or the plain ``Trainer``, the model adding the router losses to its own loss) on a tiny Llama
-with a top-2 router and a balance loss; run by test_distributed.py in one process or under torchrun. Writes the logged
-losses (task + aux) of rank 0 to ``<out>/losses.json``.
+"""``ILoraTrainer`` (or the plain ``Trainer``, the model adding the router losses to its own loss, or TRL's
+``SFTTrainer``, adding the model's ``aux_loss``) on a tiny Llama with a top-2 router and a balance loss; run by
+test_distributed.py in one process or under torchrun. Writes the logged losses (task + aux) of rank 0 to
+``<out>/losses.json``.
 
-    python tests/ilora/trainer_worker.py PER_DEVICE_BATCH OUT [ILoraTrainer|Trainer]
+    python tests/ilora/trainer_worker.py PER_DEVICE_BATCH OUT [ILoraTrainer|Trainer|SFTTrainer]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 import ilora
 
@@ -38,10 +39,19 @@ def collate(items: list[dict]) -> dict:
     }
     for i, it in enumerate(items):
         length = len(it["input_ids"])
-        batch["input_ids"][i, :length] = it["input_ids"]
-        batch["labels"][i, :length] = it["labels"]
+        batch["input_ids"][i, :length] = torch.as_tensor(it["input_ids"])
+        batch["labels"][i, :length] = torch.as_tensor(it["labels"])
         batch["attention_mask"][i, :length] = 1
     return batch
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the 64 ids: without one, TRL would fetch the model's from the Hub."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(64)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
 
 
 def main(per_device: int, out: str, trainer_cls: str = "ILoraTrainer") -> None:
@@ -52,12 +62,22 @@ def main(per_device: int, out: str, trainer_cls: str = "ILoraTrainer") -> None:
                                 target_modules=["q_proj", "v_proj", "up_proj"])  # fmt: skip
     model = get_peft_model(LlamaForCausalLM(config), adapter)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=per_device, max_steps=4, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
-                             ddp_backend="gloo" if distributed else None,
-                             average_tokens_across_devices=True)  # fmt: skip
-    cls = {"ILoraTrainer": ilora.ILoraTrainer, "Trainer": Trainer}[trainer_cls]
-    trainer = cls(model=model, args=args, train_dataset=Tokens(), data_collator=collate)
+    settings = dict(output_dir=out, per_device_train_batch_size=per_device, max_steps=4, learning_rate=1e-2,
+                    report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+                    ddp_backend="gloo" if distributed else None, average_tokens_across_devices=True)  # fmt: skip
+    if trainer_cls == "SFTTrainer":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**settings, gradient_checkpointing=False, dataset_kwargs={"skip_prepare_dataset": True})
+        from datasets import Dataset
+
+        tokens = Tokens()
+        rows = Dataset.from_list([{k: v.tolist() for k, v in tokens[i].items()} for i in range(len(tokens))])
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                             processing_class=tokenizer())  # fmt: skip
+    else:
+        cls = {"ILoraTrainer": ilora.ILoraTrainer, "Trainer": Trainer}[trainer_cls]
+        trainer = cls(model=model, args=TrainingArguments(**settings), train_dataset=Tokens(), data_collator=collate)
     trainer.train()
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

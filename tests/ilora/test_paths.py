@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ilora
 from ilora import paths
@@ -145,3 +146,43 @@ def test_device_facts_on_cpu(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     facts = paths.device_facts(torch.zeros(1))
     assert facts == DeviceFacts("cpu", triton_runnable=False)
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+PRESET_CONFIGS = {
+    "crabplus": ilora.ILoraConfig.crabplus,
+    "crab": ilora.ILoraConfig.crab,  # per-expert dropout while training: one input per expert
+    "hydralora": ilora.ILoraConfig.hydralora,
+    "mixlora": ilora.ILoraConfig.mixlora,
+    "loramoe": ilora.ILoraConfig.loramoe,
+    "mola": lambda **kw: ilora.ILoraConfig.mola(num_layers=4, **kw),
+}
+
+
+def _ops_of_a_training_step(preset: str, experts: int, width: int) -> int:
+    config = PRESET_CONFIGS[preset](r=4, num_experts=experts, use_kernels="torch")
+    torch.manual_seed(0)
+    layer = ilora.Linear(torch.nn.Linear(width, width), "default", config).train()
+    x = torch.randn(2, 24, width)
+    with _OpCount() as ops:
+        layer(x).sum().backward()
+    return ops.count
+
+
+@pytest.mark.parametrize("preset", list(PRESET_CONFIGS))
+@pytest.mark.parametrize("width", [32, 30])  # 32: top-k on torch's grouped GEMMs; 30 (unaligned rows): without them
+def test_the_pytorch_path_runs_no_loop_over_experts(preset: str, width: int) -> None:
+    """The op count of a training step (forward and backward) does not grow with the number of experts: no preset's
+    PyTorch path loops over experts (48 tokens reach every one of 8 experts)."""
+    assert _ops_of_a_training_step(preset, 2, width) == _ops_of_a_training_step(preset, 8, width)

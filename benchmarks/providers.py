@@ -343,9 +343,13 @@ def _triton_missing() -> str | None:
     return f"ilora.kernels lacks {', '.join(missing)}" if missing else None
 
 
-def _grouped_mm_missing() -> str | None:
+def _grouped_mm_missing(p: Problem) -> str | None:
     has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    return None if has else f"torch {torch.__version__} has no grouped_mm"
+    if not has:
+        return f"torch {torch.__version__} has no grouped_mm"
+    widths = {"d_in": p.d_in, "r": p.shape.rank, "d_out": p.d_out}
+    odd = [f"{n}={w}" for n, w in widths.items() if w * p.x.element_size() % 16]
+    return f"grouped_mm needs rows of 16-byte multiples; {', '.join(odd)} in {p.x.dtype} are not" if odd else None
 
 
 ProviderFactory = Callable[[Problem], nn.Module]
@@ -358,7 +362,7 @@ PROVIDERS: dict[str, tuple[ProviderFactory, Callable[[Problem], str | None], boo
     "ilora_triton_sorted": (TritonSortedTopK, _sorted_missing, True),
     "authors_loop": (AuthorsLoop, lambda p: None, True),
     "peft_lora": (PeftLora, lambda p: None, False),
-    "grouped_mm": (GroupedMM, lambda p: _grouped_mm_missing(), True),
+    "grouped_mm": (GroupedMM, _grouped_mm_missing, True),
     "dense_all": (DenseAllExperts, lambda p: None, True),
 }
 

@@ -53,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d", type=int, default=None, help="d_in = d_out (default 4096 on GPU, 1024 on CPU)")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per provider (median and IQR over them)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU), recorded")
+    ap.add_argument("--note", help="a sentence kept in the JSON's config (say, that the machine was busy)")
     add_output_args(ap)
     return ap.parse_args(argv)
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "shapes": args.shapes or list(grid.shapes), "tokens": args.tokens or list(grid.tokens),
         "modes": args.modes or list(grid.modes), "providers": args.providers, "rounds": args.rounds or grid.rounds,
-        "threads": threads,
+        "threads": threads, **({"note": args.note} if args.note else {}),
     }  # fmt: skip
     env = environment(threads)
     paths = result_paths(env, config["preset"], args.record, args.out, args.tag)

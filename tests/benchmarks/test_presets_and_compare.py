@@ -86,11 +86,12 @@ def test_run_compare_times_the_records_cases_and_writes_the_comparison(tmp_path:
     config = dict(device="cpu", d=32, shapes=["crabplus"], tokens=[8], modes=["fwd"], providers=["ilora_torch"])
     record = tmp_path / "record.json"
     report.write_json(record, report.environment(1), config, rows)
-    assert run.main(["--compare", str(record), "--rounds", "2", "--out", str(tmp_path / "out")]) == 0
+    args = ["--compare", str(record), "--rounds", "2", "--out", str(tmp_path / "out"), "--note", "a loaded machine"]
+    assert run.main(args) == 0
     (written,) = (tmp_path / "out").glob("*_compare.json")
     data = json.loads(written.read_text())
     (entry,) = data["config"]["compare"]["rows"]
-    assert data["config"]["compare"]["record"] == "record.json"
+    assert data["config"]["compare"]["record"] == "record.json" and data["config"]["note"] == "a loaded machine"
     assert (entry["shape"], entry["provider"], entry["x_base_record"]) == (
         "crabplus",
         "ilora_torch",

@@ -4,6 +4,7 @@ breaks that does not grow with the number of routed layers (none inside a layer)
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ PRESETS = {
     "mola": lambda: ilora.ILoraConfig.mola(num_layers=4, **SMALL, num_experts_pattern=MOLA_ONE_LAYER),
 }
 # The breaks of one model call, all in ILoraModel's hooks at its entry and exit (setting the call's context
-# variables, which dynamo cannot trace) and in the aux-loss hook; a break per routed layer would add 7.
+# variables, which dynamo cannot trace) and in the aux-loss hook; a break per routed layer would add 7. Counted from
+# dynamo's counters: torch._dynamo.explain leaves out a break with no graph before it (the hooks' breaks).
 MAX_GRAPH_BREAKS = 6
 # float32, the same ops: compiled and eager may differ only by summation order.
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -79,3 +81,40 @@ def test_compiled_training_step_matches_eager_with_few_graph_breaks(preset: str)
         assert grad is not None and c_grads[name] is not None, name
         torch.testing.assert_close(c_grads[name], grad, **TOL, msg=name)
     assert sum(breaks.values()) <= MAX_GRAPH_BREAKS, breaks
+
+
+def test_a_compiled_model_keeps_each_threads_task_ids() -> None:
+    """The per-call state reaches compiled layers per thread: two threads calling one compiled task-routed model
+    with different task ids each get their own task's output, as in eager mode (``tests/ilora/test_context.py``)."""
+    torch.manual_seed(0)
+    config = ilora.ILoraConfig(router="task", num_tasks=2, num_experts=3, target_modules=["q_proj", "up_proj"], **SMALL)
+    model = get_peft_model(_model(), config).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+
+    def logits(m: torch.nn.Module, task: int) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids, ilora_task_ids=torch.tensor([task, task])).logits
+
+    want = {task: logits(model, task) for task in (0, 1)}
+    assert not torch.allclose(want[0], want[1])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    logits(compiled, 0)  # compile once, before the threads race
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(task: int) -> None:
+        start.wait()
+        got[task].extend(logits(compiled, task) for _ in range(10))
+
+    threads = [threading.Thread(target=run, args=(task,)) for task in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for task in (0, 1):
+        assert len(got[task]) == 10
+        for out in got[task]:
+            torch.testing.assert_close(out, want[task], **TOL)
+    assert sum(counters["graph_break"].values()) <= MAX_GRAPH_BREAKS

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .flops import MODES
-from .providers import SHAPES
+from .providers import PRESETS, SHAPES
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Grid:
 # The quick subset: the two shapes with targets, decode-ish and training token counts, inference and training.
 QUICK = Grid(shapes=("crabplus", "moe"), tokens=(16, 2048), modes=("fwd", "fwd+bwd"))
 FULL = Grid(shapes=tuple(SHAPES), tokens=(1, 16, 2048, 8192), modes=MODES)
+# Every preset as a layer shape, at a decode-ish and a training token count (``--presets``).
+PRESET_GRID = Grid(shapes=PRESETS, tokens=(16, 2048), modes=("fwd", "fwd+bwd"))
 
 
 def layer_size(device: str) -> tuple[int, torch.dtype]:

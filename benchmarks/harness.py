@@ -15,7 +15,7 @@ from torch import nn
 from ilora import functional as IF
 
 from .flops import MODES, flop_floor, flop_ratio
-from .providers import PROVIDERS, Problem, Shape, build, make_problem, route, skip_reason
+from .providers import PROVIDERS, Problem, Shape, build, ilora_choice, make_problem, route, skip_reason
 
 
 @dataclass
@@ -172,6 +172,16 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     return q1, med, q3
 
 
+def provider_note(name: str, p: Problem) -> dict[str, str]:
+    """For ilora's providers, the compute path the layer takes and, where it runs PyTorch where Triton would, why
+    (``ilora.paths.select_path``'s reason, the one the layer logs): ``{"path": ..., "note": ...}``."""
+    kernels = {"ilora_torch": "torch", "ilora_triton": "triton"}.get(name)
+    if kernels is None:
+        return {}
+    choice = ilora_choice(p, kernels)
+    return {"path": choice.path.value, **({"note": choice.reason} if choice.reason else {})}
+
+
 def run_case(
     shape: Shape,
     tokens: int,
@@ -196,6 +206,7 @@ def run_case(
             modules[name] = build(name, p)
         else:
             rows.extend({**common, "mode": m, "provider": name, "skipped": reason} for m in modes)
+    notes = {name: provider_note(name, p) for name in modules}
     ref = reference_output(p)
     checks: dict[str, float | None] = {}
     saved: dict[str, int] = {}
@@ -216,7 +227,7 @@ def run_case(
             q1, med, q3 = quartiles(ts)
             # Ratios and differences are paired by round (median over rounds): the two samples of a round ran
             # seconds apart, so load from other processes on a shared machine mostly cancels.
-            x_base = statistics.median(t / b for t, b in zip(ts, base))
+            x_q1, x_base, x_q3 = quartiles([t / b for t, b in zip(ts, base)])
             rows.append(
                 {
                     **common, "mode": mode, "provider": name, "median_s": med, "q1_s": q1, "q3_s": q3,
@@ -226,7 +237,7 @@ def run_case(
                     "adapter_s": statistics.median(t - b for t, b in zip(ts, base)),
                     "saved_bytes": saved[name] - saved["base"],
                     "peak_bytes": peak_memory(modules[name], p, mode),
-                    "max_abs_err": checks[name],
+                    "max_abs_err": checks[name], "x_base_q1": x_q1, "x_base_q3": x_q3, **notes[name],
                 }
             )  # fmt: skip
     return rows

@@ -17,9 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import ilora
+from ilora import paths
+from ilora.paths import Choice
 from ilora.router import Gates, gate
 
-__all__ = ["PROVIDERS", "SHAPES", "Problem", "Shape", "build", "expert_grads", "make_problem", "route", "skip_reason"]
+__all__ = [
+    "PRESETS", "PROVIDERS", "SHAPES", "Problem", "Shape", "build", "expert_grads", "ilora_choice", "make_problem",
+    "preset_shape", "route", "skip_reason",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,23 @@ class Shape:
         return self.experts if self.top_k is None else self.top_k
 
 
+PRESETS = ("crabplus", "crab", "hydralora", "mixlora", "loramoe", "mola")
+
+
+def preset_shape(name: str) -> Shape:
+    """The layer shape of ``ilora.ILoraConfig.<name>()``: its experts (MoLA: the top layers' 8), rank, A layout and
+    gate. What the layer benchmark leaves out of a preset: its dropout (no provider pays dropout) and targets."""
+    config = getattr(ilora.ILoraConfig, name)()
+    top_k = config.top_k if config.routing == "topk" else None
+    return Shape(name, experts=config.num_experts, rank=config.r, shared_a=config.shared_a, top_k=top_k)
+
+
 SHAPES: dict[str, Shape] = {
     "crabplus": Shape("crabplus", experts=3, rank=128, shared_a=True),
     "moe": Shape("moe", experts=8, rank=16, shared_a=False, top_k=2),
     "many": Shape("many", experts=64, rank=8, shared_a=False, top_k=4),
+    # Every preset, from its config (crabplus is the same shape as above: one entry).
+    **{name: preset_shape(name) for name in PRESETS if name != "crabplus"},
 }
 
 
@@ -288,6 +306,27 @@ class TritonSortedTopK(DenseAllExperts):
         return kernels.topk_routed_lora(x, self.A, self.B, w, g.indices, self.scaling, base_out=self.base(x))
 
 
+def ilora_choice(p: Problem, use_kernels: str) -> Choice:
+    """The compute path ``IloraLinear(p, use_kernels)`` takes on ``p``'s device, and why it runs PyTorch where Triton
+    would (``ilora.paths.select_path``: the reason the layer logs). Raises ``RuntimeError`` where the layer would."""
+    s = p.shape
+    config = ilora.ILoraConfig(r=s.rank, num_experts=s.experts, shared_a=s.shared_a, routing=s.routing,
+                               top_k=s.top_k or 1, use_kernels=use_kernels)  # fmt: skip
+    kind = "dense" if s.top_k is None else "topk"
+    return paths.select_path(config, kind, p.tokens, paths.device_facts(p.x), dtype=p.A.dtype)
+
+
+def _ilora_triton_missing(p: Problem) -> str | None:
+    missing = _triton_missing()
+    if missing is not None:
+        return missing
+    try:
+        ilora_choice(p, "triton")
+    except RuntimeError as refused:
+        return str(refused)
+    return None
+
+
 def _sorted_missing(p: Problem) -> str | None:
     return "soft routing has no sorted variant" if p.shape.top_k is None else _triton_missing()
 
@@ -304,9 +343,13 @@ def _triton_missing() -> str | None:
     return f"ilora.kernels lacks {', '.join(missing)}" if missing else None
 
 
-def _grouped_mm_missing() -> str | None:
+def _grouped_mm_missing(p: Problem) -> str | None:
     has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    return None if has else f"torch {torch.__version__} has no grouped_mm"
+    if not has:
+        return f"torch {torch.__version__} has no grouped_mm"
+    widths = {"d_in": p.d_in, "r": p.shape.rank, "d_out": p.d_out}
+    odd = [f"{n}={w}" for n, w in widths.items() if w * p.x.element_size() % 16]
+    return f"grouped_mm needs rows of 16-byte multiples; {', '.join(odd)} in {p.x.dtype} are not" if odd else None
 
 
 ProviderFactory = Callable[[Problem], nn.Module]
@@ -315,11 +358,11 @@ ProviderFactory = Callable[[Problem], nn.Module]
 PROVIDERS: dict[str, tuple[ProviderFactory, Callable[[Problem], str | None], bool]] = {
     "base": (BaseLinear, lambda p: None, False),
     "ilora_torch": (lambda p: IloraLinear(p, "torch"), lambda p: None, True),
-    "ilora_triton": (lambda p: IloraLinear(p, "triton"), lambda p: _triton_missing(), True),
+    "ilora_triton": (lambda p: IloraLinear(p, "triton"), _ilora_triton_missing, True),
     "ilora_triton_sorted": (TritonSortedTopK, _sorted_missing, True),
     "authors_loop": (AuthorsLoop, lambda p: None, True),
     "peft_lora": (PeftLora, lambda p: None, False),
-    "grouped_mm": (GroupedMM, lambda p: _grouped_mm_missing(), True),
+    "grouped_mm": (GroupedMM, _grouped_mm_missing, True),
     "dense_all": (DenseAllExperts, lambda p: None, True),
 }
 

@@ -166,6 +166,11 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{format_mib(r['peak_bytes'])} |"
         )
     lines += [f"\nskipped: {name}: {'; '.join(why)}" for name, why in skipped.items()]
+    notes: dict[str, dict[str, None]] = {}  # provider -> why it ran PyTorch where Triton would, distinct
+    for r in rows:
+        if r.get("note"):
+            notes.setdefault(r["provider"], {})[r["note"]] = None
+    lines += [f"\nnote: {name}: {'; '.join(why)}" for name, why in notes.items()]
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 .venv/bin/python -m benchmarks.run --quick          # CPU subset, < 5 minutes on 2 cores
 .venv/bin/python -m benchmarks.run                  # full grid of this machine (CPU: d=1024 fp32; GPU: d=4096 bf16)
 .venv/bin/python -m benchmarks.run --quick --record # a record to commit: benchmarks/results/, never overwritten
+.venv/bin/python -m benchmarks.run --presets        # every preset as a layer shape (CPU: d=1024; GPU: d=4096 bf16)
+.venv/bin/python -m benchmarks.run --compare benchmarks/results/<record>.json   # its cases again, side by side
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 
 import torch
 
+from .compare import compare_rows, format_comparison, load_record
 from .flops import MODES
-from .grid import FULL, QUICK, layer_size
+from .grid import FULL, PRESET_GRID, QUICK, layer_size
 from .harness import run_case
 from .providers import PROVIDERS, SHAPES
 from .report import (
@@ -37,6 +40,11 @@ from .report import (
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the quick CPU subset: " + str(QUICK))
+    ap.add_argument("--presets", action="store_true", help="every ilora preset as a shape: " + str(PRESET_GRID))
+    ap.add_argument(
+        "--compare", type=Path, default=None,
+        help="a layer record: time its shapes, tokens, modes and providers now (unless given) and compare x base",
+    )  # fmt: skip
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, except --quick)")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int)
@@ -45,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d", type=int, default=None, help="d_in = d_out (default 4096 on GPU, 1024 on CPU)")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per provider (median and IQR over them)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU), recorded")
+    ap.add_argument("--note", help="a sentence kept in the JSON's config (say, that the machine was busy)")
     add_output_args(ap)
     return ap.parse_args(argv)
 
@@ -72,7 +81,16 @@ def add_output_args(ap: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    grid = QUICK if args.quick else FULL
+    grid = QUICK if args.quick else PRESET_GRID if args.presets else FULL
+    record = load_record(args.compare) if args.compare else None
+    if record is not None:  # the record's cases, on its device, unless given
+        rc = record["config"]
+        args.device = args.device or rc["device"]
+        args.d = args.d or rc["d"]
+        args.shapes, args.tokens = args.shapes or rc["shapes"], args.tokens or rc["tokens"]
+        args.modes = args.modes or rc["modes"]
+        if args.providers == list(PROVIDERS):
+            args.providers = [n for n in rc["providers"] if n in PROVIDERS]
     device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     d, dtype = layer_size(device)
     d = args.d or d
@@ -82,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config: dict[str, Any] = {
-        "preset": "quick" if args.quick else "full", "device": device, "d": d,
+        "preset": "compare" if record else "quick" if args.quick else "presets" if args.presets else "full",
+        "device": device, "d": d,
         "dtype": str(dtype).removeprefix("torch."),
         "shapes": args.shapes or list(grid.shapes), "tokens": args.tokens or list(grid.tokens),
         "modes": args.modes or list(grid.modes), "providers": args.providers, "rounds": args.rounds or grid.rounds,
-        "threads": threads,
+        "threads": threads, **({"note": args.note} if args.note else {}),
     }  # fmt: skip
     env = environment(threads)
     paths = result_paths(env, config["preset"], args.record, args.out, args.tag)
@@ -106,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     config["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(format_table(rows))
     print("\nTargets:\n" + format_targets(evaluate_targets(rows)))
+    if record is not None:
+        config["compare"] = {"record": args.compare.name, "rows": compare_rows(rows, record["rows"])}
+        print("\n" + format_comparison(config["compare"]["rows"], args.compare.name))
     print(f"\nwall time {config['wall_s']} s")
     if not args.no_write:
         write_json(paths[0], env, config, rows)

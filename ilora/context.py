@@ -20,9 +20,9 @@ import functools
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -96,9 +96,50 @@ class CallState:
     group_gates: dict[tuple[int, str], Any] | None = None
 
 
+_T = TypeVar("_T")
+
+
+class _ThreadValue(threading.local):
+    def __init__(self, default: Any) -> None:
+        self.value = default
+
+
+class _CompiledVisibleVar(Generic[_T]):
+    """A ``ContextVar`` that ``torch.compile`` code reads without a graph break.
+
+    Dynamo cannot trace ``ContextVar.get`` (a graph break at every routed layer), but it traces attribute reads of a
+    ``threading.local``: tensors found there become graph inputs (no recompile when their values change), other
+    values are guarded. So every ``set``/``reset`` also writes the value to a per-thread copy, every eager ``get``
+    brings that copy up to date with the running task's value, and code being compiled reads the copy. Eager code
+    reads the ``ContextVar`` itself, so each thread and asyncio task keeps its own state as before. Compiled code
+    sees the state of its thread's latest model call (each call sets it) or ``routing_context``: asyncio tasks that
+    interleave ``routing_context`` blocks in one thread around compiled calls of a bare layer are not separated.
+    """
+
+    def __init__(self, name: str, default: _T) -> None:
+        self._var: ContextVar[_T] = ContextVar(name, default=default)  # the defaults are immutable
+        self._mirror = _ThreadValue(default)
+
+    def get(self) -> _T:
+        if torch.compiler.is_compiling():
+            return self._mirror.value
+        value = self._var.get()
+        self._mirror.value = value
+        return value
+
+    def set(self, value: _T) -> Token[_T]:
+        token = self._var.set(value)
+        self._mirror.value = value
+        return token
+
+    def reset(self, token: Token[_T]) -> None:
+        self._var.reset(token)
+        self._mirror.value = self._var.get()
+
+
 # The default is frozen and holds no container: nothing can mutate it.
-_CALL: ContextVar[CallState] = ContextVar("ilora_call", default=CallState())  # noqa: B039
-_RECORDER: ContextVar[RoutingRecorder | None] = ContextVar("ilora_recorder", default=None)
+_CALL: _CompiledVisibleVar[CallState] = _CompiledVisibleVar("ilora_call", CallState())
+_RECORDER: _CompiledVisibleVar[RoutingRecorder | None] = _CompiledVisibleVar("ilora_recorder", None)
 # The sequence gates of the generation running in this thread or task: set on its prompt, read by its decode steps.
 _GENERATION: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("ilora_generation", default=None)
 
@@ -137,7 +178,14 @@ def call_state() -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def recomputing() -> bool:
-    """True while autograd runs a backward pass: a forward run now is activation checkpointing recomputing one."""
+    """True while autograd runs a backward pass: a forward run now is activation checkpointing recomputing one.
+
+    Code being compiled takes it as False while no backward pass is bound (``bind_for_backward``): torch.compile's
+    own checkpointing recomputes inside the compiled backward without running this Python, and reading the graph
+    task id is a graph break. A compiled bare layer recomputed by eager checkpointing outside an ``ILoraModel`` call
+    therefore records its routing again."""
+    if torch.compiler.is_compiling() and not _BOUND:
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -189,7 +237,13 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 def bind_for_backward(outputs: Any, state: CallState | None = None) -> None:
     """Let every backward pass that reaches a tensor of ``outputs`` (tensors, nested in dicts, lists, tuples, model
-    outputs) see ``state`` (default: the current call's) while it recomputes checkpointed layers."""
+    outputs) see ``state`` (default: the current call's) while it recomputes checkpointed layers.
+
+    Code being compiled binds nothing (a hook dynamo would have to trace, a graph break per layer): torch.compile's
+    own checkpointing recomputes inside the compiled backward, where no state is read, and an ``ILoraModel`` call
+    binds its outputs in its hooks, which run eagerly."""
+    if torch.compiler.is_compiling():
+        return
     hook = functools.partial(_bind, current_call() if state is None else state)
     for t in _tensors(outputs):
         if t.requires_grad:

@@ -111,11 +111,13 @@ def topk_routed_lora(
     """Sparse routing: token ``t`` goes to experts ``indices[t]`` weighted by ``weights[t]``. Returns ``delta``, or
     ``base_out + delta`` when ``base_out`` is given (the add fused into the scatter of the expert rows).
 
-    (token, expert) pairs are sorted by expert so each expert multiplies one contiguous block of rows: two grouped
-    GEMMs where :func:`grouped_mm_supported` holds, else a loop over the non-empty experts (one host sync for the
-    counts). Expert ids are range-checked on the device (``torch._assert_async``), never read back on the host.
-    Rows move with ``index_select`` and an ``index_add`` whose backward keeps only the index (see benchmarks/README
-    "The sparse path on CPU").
+    Where :func:`grouped_mm_supported` holds, (token, expert) pairs are sorted by expert so each expert multiplies one
+    contiguous block of rows in two grouped GEMMs; elsewhere (other dtypes or devices, unaligned widths, under
+    ``torch.compile`` on CPU) the gates are scattered to dense ``[T, E]`` and :func:`soft_routed_lora` runs: the
+    same sum, with E/k times the adapter FLOPs. No Python loop over experts and no host sync either way. Expert ids
+    are range-checked on the device (``torch._assert_async``), never read back on the host. Sorted rows move with
+    ``index_select`` and an ``index_add`` whose backward keeps only the index (see benchmarks/README "The sparse path
+    on CPU").
     """
     E, _, _, d_out = check_expert_shapes(x, A, B)
     T = x.shape[0]
@@ -126,16 +128,21 @@ def topk_routed_lora(
     if base_out is not None and (base_out.shape != (T, d_out) or base_out.dtype != x.dtype):
         raise ValueError(f"base_out must be [T={T}, {d_out}] of {x.dtype}, got {tuple(base_out.shape)} "
                          f"of {base_out.dtype}")  # fmt: skip
-    k = indices.shape[1]
     flat = indices.reshape(-1)
     torch._assert_async(((flat >= 0) & (flat < E)).all(), f"top-k indices must name experts in [0, {E})")
+    if not grouped_mm_supported(x, A, B):
+        # No grouped GEMM: every expert for every token in two dense GEMMs, the unselected gates zero (a duplicated
+        # index adds its weights, as the sorted sum does). E/k times the adapter FLOPs, but no loop over experts,
+        # no host sync and nothing data-dependent, so it also compiles into one graph.
+        dense = weights.new_zeros(T, E).scatter_add(1, indices, weights)
+        return soft_routed_lora(x, A, B, dense, scaling, base_out)
+    k = indices.shape[1]
     counts = flat.new_zeros(E).scatter_add_(0, flat, torch.ones_like(flat))
     order = torch.argsort(flat, stable=True)
     token = order // k
     # Scaling folded into the [T*k] weights rather than applied to a [T, d_out] tensor.
     w_sorted = (weights.reshape(-1).index_select(0, order).to(x.dtype) * scaling).unsqueeze(-1)
-    expert_rows = _grouped_expert_rows if grouped_mm_supported(x, A, B) else _looped_expert_rows
-    y_sorted = expert_rows(x, A, B, token, w_sorted, counts)
+    y_sorted = _grouped_expert_rows(x, A, B, token, w_sorted, counts)
     base = x.new_zeros(T, d_out) if base_out is None else base_out
     return _AddRows.apply(base, token, y_sorted)
 
@@ -207,23 +214,6 @@ def _grouped_expert_rows(
     shared = A.shape[0] == 1
     h = (x @ A[0]).index_select(0, token) if shared else grouped_mm(x.index_select(0, token), A, offs=offs)
     return grouped_mm(h * w_sorted, B, offs=offs)
-
-
-def _looped_expert_rows(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, token: torch.Tensor, w_sorted: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """The same rows with a loop over the non-empty experts (any dtype, device and shape; one host sync)."""
-    shared_h = x @ A[0] if A.shape[0] == 1 else None
-    pieces = []
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        rows = token[start : start + n]
-        h = shared_h.index_select(0, rows) if shared_h is not None else x.index_select(0, rows) @ A[e]
-        pieces.append((h * w_sorted[start : start + n]) @ B[e])
-        start += n
-    return torch.cat(pieces) if pieces else x.new_zeros(0, B.shape[2])
 
 
 def per_row_routed_lora(

@@ -70,51 +70,79 @@ class DeviceFacts:
 @dataclass(frozen=True)
 class Choice:
     path: ComputePath
-    note: str | None = None  # why "auto" kept a GPU on PyTorch, and how to opt in (logged once)
+    note: str | None = None  # the line logged once per reason: why "auto" runs PyTorch where Triton runs, the way out
+    reason: str | None = None  # that reason alone (benchmark provider notes carry it)
 
 
 GATES_KINDS = ("dense", "topk", "per_expert_input")
+# The dtypes the Triton kernels take (``kernels/_utils.py``); others run on PyTorch.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_refusal(gates_kind: str, dtype: torch.dtype | None = None) -> str | None:
+    """Why no Triton kernel takes a call with these gates and adapter ``dtype``, or None when one does."""
+    if gates_kind == "per_expert_input":
+        return (
+            "no Triton kernel for per-expert dropout (dropout_per_expert=True with lora_dropout > 0, while "
+            "training): every expert reads its own input"
+        )
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return (
+            f"no Triton kernel for {str(dtype).removeprefix('torch.')} adapters (they take float32, float16, bfloat16)"
+        )
+    return None
 
 
 def select_path(
-    config: ILoraConfig, gates_kind: str, tokens: int, device: DeviceFacts, slots: int | None = None
+    config: ILoraConfig,
+    gates_kind: str,
+    tokens: int,
+    device: DeviceFacts,
+    slots: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Choice:
     """The compute path for one call: ``gates_kind`` is ``"dense"`` (soft), ``"topk"``, or ``"per_expert_input"``
     (dense gates, each expert reading its own input: per-expert dropout while training); ``tokens`` the rows;
     ``slots`` the experts per token the gate returned for top-k (a user's gate may return other than
-    ``config.top_k``; default ``config.top_k``).
+    ``config.top_k``; default ``config.top_k``); ``dtype`` the adapter's (default: one the kernels take).
 
-    Raises ``RuntimeError`` when ``use_kernels="triton"`` and Triton cannot run on the device or has no kernel for
-    ``gates_kind``, ``ValueError`` for an unknown ``gates_kind``.
+    Where ``use_kernels="auto"`` would run Triton (a CUDA device where it runs) but PyTorch runs, the choice carries
+    the ``reason`` (the GPU is not validated, or no kernel takes these gates or dtype, see ``triton_refusal``) and
+    the ``note`` to log once. Raises ``RuntimeError`` when ``use_kernels="triton"`` and Triton cannot run on the
+    device or has no kernel for the call, ``ValueError`` for an unknown ``gates_kind``.
     """
     if gates_kind not in GATES_KINDS:
         raise ValueError(f"gates_kind must be 'dense', 'topk' or 'per_expert_input', got {gates_kind!r}")
-    if gates_kind == "per_expert_input":
-        if config.use_kernels == "triton":
-            raise RuntimeError(
-                "use_kernels='triton' but there is no Triton kernel for per-expert dropout (dropout_per_expert=True "
-                "with lora_dropout > 0, while training): use use_kernels='auto' or 'torch' to train on the PyTorch "
-                "path, or set dropout_per_expert=False (one dropout mask shared by the experts)"
-            )
-        return Choice(ComputePath.TORCH_PER_EXPERT_INPUT)
-    if config.use_kernels == "triton" and not device.triton_runnable:
-        raise RuntimeError(
-            f"use_kernels='triton' but Triton cannot run on {device.type} tensors here: install triton "
-            "(pip install 'ilora[triton]'), use a CUDA device, or set TRITON_INTERPRET=1 for CPU tensors"
-        )
-    note = None
-    if config.use_kernels == "auto" and device.type == "cuda" and device.triton_runnable:
-        if device.triton_validated:
-            return Choice(_triton_path(config, gates_kind, tokens, slots))
-        problem = device.problem or f"the Triton kernels are not validated on {device.target or 'this GPU'}"
-        note = (
-            f"ilora: {problem}, so use_kernels='auto' "
-            "runs the PyTorch path. To use them anyway pass use_kernels='triton'; to validate this GPU run "
-            "`python -m benchmarks.kernel_check` and open a PR with its record (README, 'Kernels')."
-        )
+    torch_path = {"dense": ComputePath.TORCH_SOFT, "topk": ComputePath.TORCH_TOPK}.get(
+        gates_kind, ComputePath.TORCH_PER_EXPERT_INPUT
+    )
+    refusal = triton_refusal(gates_kind, dtype)
     if config.use_kernels == "triton":
+        if refusal is not None:
+            raise RuntimeError(
+                f"use_kernels='triton' but there is {refusal}: use use_kernels='auto' or 'torch' to run it on the "
+                "PyTorch path" + (", or set dropout_per_expert=False (one dropout mask shared by the experts)"
+                                  if gates_kind == "per_expert_input" else "")
+            )  # fmt: skip
+        if not device.triton_runnable:
+            raise RuntimeError(
+                f"use_kernels='triton' but Triton cannot run on {device.type} tensors here: install triton "
+                "(pip install 'ilora[triton]'), use a CUDA device, or set TRITON_INTERPRET=1 for CPU tensors"
+            )
         return Choice(_triton_path(config, gates_kind, tokens, slots))
-    return Choice(ComputePath.TORCH_SOFT if gates_kind == "dense" else ComputePath.TORCH_TOPK, note)
+    if config.use_kernels != "auto" or device.type != "cuda" or not device.triton_runnable:
+        return Choice(torch_path)
+    if refusal is not None:
+        return Choice(torch_path, f"ilora: {refusal}, so this layer runs the PyTorch path", refusal)
+    if device.triton_validated:
+        return Choice(_triton_path(config, gates_kind, tokens, slots))
+    problem = device.problem or f"the Triton kernels are not validated on {device.target or 'this GPU'}"
+    note = (
+        f"ilora: {problem}, so use_kernels='auto' "
+        "runs the PyTorch path. To use them anyway pass use_kernels='triton'; to validate this GPU run "
+        "`python -m benchmarks.kernel_check` and open a PR with its record (README, 'Kernels')."
+    )
+    return Choice(torch_path, note, problem)
 
 
 def _triton_path(config: ILoraConfig, gates_kind: str, tokens: int, slots: int | None) -> ComputePath:
@@ -139,7 +167,7 @@ def device_facts(x: torch.Tensor) -> DeviceFacts:
     return DeviceFacts("cuda", True, target.problem is None, target.name, target.problem or "")
 
 
-_logged: set[str] = set()
+_logged: set[str | None] = set()
 
 
 def add_routed_lora(
@@ -159,9 +187,9 @@ def add_routed_lora(
     """
     kind = "per_expert_input" if x.dim() == 3 else "dense" if gates.dense is not None else "topk"
     slots = None if gates.weights is None else gates.weights.shape[-1]
-    choice = select_path(config, kind, x.shape[0], device_facts(x), slots)
-    if choice.note is not None and choice.note not in _logged:
-        _logged.add(choice.note)
+    choice = select_path(config, kind, x.shape[0], device_facts(x), slots, A.dtype)
+    if choice.note is not None and choice.reason not in _logged:  # once per reason and process
+        _logged.add(choice.reason)
         logger.warning(choice.note)
     x2, base2 = x.to(A.dtype), result.reshape(-1, B.shape[2])
     if choice.path is ComputePath.TORCH_PER_EXPERT_INPUT:

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ilora
 from ilora import paths
@@ -28,36 +29,44 @@ TOP1_WIDE = dict(num_experts=64, r=8, routing="topk", top_k=1)  # 63 * 8 > EXTRA
 EDGE = dict(num_experts=EXTRA // 16 + 2, r=16, routing="topk", top_k=2)  # extra rank exactly EXTRA
 PAST_EDGE = dict(num_experts=EXTRA // 16 + 2, r=16, routing="topk", top_k=1)  # extra rank EXTRA + 16
 
-# (use_kernels, routing options, gate kind, tokens, device) -> path, note expected
+# (use_kernels, routing options, gate kind, tokens, device) -> path, why PyTorch runs where Triton would (a fragment)
 TABLE = [
-    ("torch", SOFT, "dense", 2048, GPU_VALIDATED, P.TORCH_SOFT, False),
-    ("torch", MOE, "topk", 2048, GPU_VALIDATED, P.TORCH_TOPK, False),
-    ("auto", SOFT, "dense", 2048, CPU, P.TORCH_SOFT, False),
-    ("auto", MOE, "topk", 16, CPU, P.TORCH_TOPK, False),
-    ("auto", SOFT, "dense", 2048, CPU_INTERPRETER, P.TORCH_SOFT, False),  # the interpreter only on request
-    ("auto", SOFT, "dense", 2048, GPU_NO_TRITON, P.TORCH_SOFT, False),
-    ("auto", SOFT, "dense", 2048, GPU_UNVALIDATED, P.TORCH_SOFT, True),  # the gate: PyTorch, and say how to opt in
-    ("auto", MOE, "topk", 2048, GPU_UNVALIDATED, P.TORCH_TOPK, True),
-    ("auto", TOP1, "topk", 1, GPU_UNVALIDATED, P.TORCH_TOPK, True),
-    ("auto", SOFT, "dense", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),
-    ("auto", MOE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),  # few small experts: dense, zero gates
-    ("auto", MANY, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, False),
-    ("auto", TOP1, "topk", 1, GPU_VALIDATED, P.TRITON_PER_ROW, False),
-    ("auto", TOP1, "topk", ROWS, GPU_VALIDATED, P.TRITON_PER_ROW, False),  # the decode bound is inclusive
-    ("auto", TOP1, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_DENSE, False),
-    ("auto", TOP1_WIDE, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_SORTED, False),
-    ("auto", MOE, "topk", 1, GPU_VALIDATED, P.TRITON_DENSE, False),  # per-row is top-1 only
-    ("auto", EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, False),  # the extra-rank bound is inclusive
-    ("auto", PAST_EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, False),
-    ("triton", SOFT, "dense", 2048, GPU_UNVALIDATED, P.TRITON_DENSE, False),  # opting in skips the gate
-    ("triton", MANY, "topk", 2048, GPU_UNVALIDATED, P.TRITON_SORTED, False),
-    ("triton", TOP1, "topk", 8, CPU_INTERPRETER, P.TRITON_PER_ROW, False),
-    ("triton", MOE, "topk", 2048, CPU_INTERPRETER, P.TRITON_DENSE, False),
+    ("torch", SOFT, "dense", 2048, GPU_VALIDATED, P.TORCH_SOFT, None),
+    ("torch", MOE, "topk", 2048, GPU_VALIDATED, P.TORCH_TOPK, None),
+    ("auto", SOFT, "dense", 2048, CPU, P.TORCH_SOFT, None),
+    ("auto", MOE, "topk", 16, CPU, P.TORCH_TOPK, None),
+    ("auto", SOFT, "dense", 2048, CPU_INTERPRETER, P.TORCH_SOFT, None),  # the interpreter only on request
+    ("auto", SOFT, "dense", 2048, GPU_NO_TRITON, P.TORCH_SOFT, None),
+    (
+        "auto",
+        SOFT,
+        "dense",
+        2048,
+        GPU_UNVALIDATED,
+        P.TORCH_SOFT,
+        "not validated",
+    ),  # the gate: PyTorch, and say how to opt in
+    ("auto", MOE, "topk", 2048, GPU_UNVALIDATED, P.TORCH_TOPK, "not validated"),
+    ("auto", TOP1, "topk", 1, GPU_UNVALIDATED, P.TORCH_TOPK, "not validated"),
+    ("auto", SOFT, "dense", 2048, GPU_VALIDATED, P.TRITON_DENSE, None),
+    ("auto", MOE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, None),  # few small experts: dense, zero gates
+    ("auto", MANY, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, None),
+    ("auto", TOP1, "topk", 1, GPU_VALIDATED, P.TRITON_PER_ROW, None),
+    ("auto", TOP1, "topk", ROWS, GPU_VALIDATED, P.TRITON_PER_ROW, None),  # the decode bound is inclusive
+    ("auto", TOP1, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_DENSE, None),
+    ("auto", TOP1_WIDE, "topk", ROWS + 1, GPU_VALIDATED, P.TRITON_SORTED, None),
+    ("auto", MOE, "topk", 1, GPU_VALIDATED, P.TRITON_DENSE, None),  # per-row is top-1 only
+    ("auto", EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_DENSE, None),  # the extra-rank bound is inclusive
+    ("auto", PAST_EDGE, "topk", 2048, GPU_VALIDATED, P.TRITON_SORTED, None),
+    ("triton", SOFT, "dense", 2048, GPU_UNVALIDATED, P.TRITON_DENSE, None),  # opting in skips the gate
+    ("triton", MANY, "topk", 2048, GPU_UNVALIDATED, P.TRITON_SORTED, None),
+    ("triton", TOP1, "topk", 8, CPU_INTERPRETER, P.TRITON_PER_ROW, None),
+    ("triton", MOE, "topk", 2048, CPU_INTERPRETER, P.TRITON_DENSE, None),
     # Per-expert dropout while training (Crab): every expert reads its own copy of x; no kernel takes that.
-    ("torch", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
-    ("auto", SOFT, "per_expert_input", 2048, CPU, P.TORCH_PER_EXPERT_INPUT, False),
-    ("auto", SOFT, "per_expert_input", 2048, GPU_UNVALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
-    ("auto", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, False),
+    ("torch", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, None),
+    ("auto", SOFT, "per_expert_input", 2048, CPU, P.TORCH_PER_EXPERT_INPUT, None),
+    ("auto", SOFT, "per_expert_input", 2048, GPU_UNVALIDATED, P.TORCH_PER_EXPERT_INPUT, "per-expert dropout"),
+    ("auto", SOFT, "per_expert_input", 2048, GPU_VALIDATED, P.TORCH_PER_EXPERT_INPUT, "per-expert dropout"),
 ]
 
 
@@ -65,12 +74,14 @@ def _config(use_kernels: str, options: dict) -> ilora.ILoraConfig:
     return ilora.ILoraConfig(target_modules=["q"], use_kernels=use_kernels, **{"r": 8, **options})
 
 
-@pytest.mark.parametrize(("use_kernels", "options", "kind", "tokens", "device", "path", "note"), TABLE)
-def test_select_path(use_kernels, options, kind, tokens, device, path, note) -> None:
+@pytest.mark.parametrize(("use_kernels", "options", "kind", "tokens", "device", "path", "reason"), TABLE)
+def test_select_path(use_kernels, options, kind, tokens, device, path, reason) -> None:
     choice = paths.select_path(_config(use_kernels, options), kind, tokens, device)
     assert choice.path is path
-    assert (choice.note is not None) == note
-    if note:
+    assert (choice.reason is None) == (reason is None) and (choice.note is None) == (reason is None)
+    if reason is not None:
+        assert reason in choice.reason and choice.reason in choice.note
+    if reason == "not validated":
         assert device.target in choice.note and "use_kernels='triton'" in choice.note
         assert "python -m benchmarks.kernel_check" in choice.note
 
@@ -145,3 +156,71 @@ def test_device_facts_on_cpu(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     facts = paths.device_facts(torch.zeros(1))
     assert facts == DeviceFacts("cpu", triton_runnable=False)
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+PRESET_CONFIGS = {
+    "crabplus": ilora.ILoraConfig.crabplus,
+    "crab": ilora.ILoraConfig.crab,  # per-expert dropout while training: one input per expert
+    "hydralora": ilora.ILoraConfig.hydralora,
+    "mixlora": ilora.ILoraConfig.mixlora,
+    "loramoe": ilora.ILoraConfig.loramoe,
+    "mola": lambda **kw: ilora.ILoraConfig.mola(num_layers=4, **kw),
+}
+
+
+def _ops_of_a_training_step(preset: str, experts: int, width: int) -> int:
+    config = PRESET_CONFIGS[preset](r=4, num_experts=experts, use_kernels="torch")
+    torch.manual_seed(0)
+    layer = ilora.Linear(torch.nn.Linear(width, width), "default", config).train()
+    x = torch.randn(2, 24, width)
+    with _OpCount() as ops:
+        layer(x).sum().backward()
+    return ops.count
+
+
+@pytest.mark.parametrize("preset", list(PRESET_CONFIGS))
+@pytest.mark.parametrize("width", [32, 30])  # 32: top-k on torch's grouped GEMMs; 30 (unaligned rows): without them
+def test_the_pytorch_path_runs_no_loop_over_experts(preset: str, width: int) -> None:
+    """The op count of a training step (forward and backward) does not grow with the number of experts: no preset's
+    PyTorch path loops over experts (48 tokens reach every one of 8 experts)."""
+    assert _ops_of_a_training_step(preset, 2, width) == _ops_of_a_training_step(preset, 8, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_a_dtype_no_kernel_takes_falls_back_with_its_reason_or_is_refused(dtype: torch.dtype) -> None:
+    auto = paths.select_path(_config("auto", MOE), "topk", 2048, GPU_VALIDATED, dtype=dtype)
+    assert auto.path is P.TORCH_TOPK and "float64" in auto.reason and auto.reason in auto.note
+    for kind in ("dense", "topk"):
+        with pytest.raises(RuntimeError, match="use_kernels='triton' but there is no Triton kernel for float64"):
+            paths.select_path(_config("triton", MOE), kind, 16, GPU_VALIDATED, dtype=dtype)
+    for ok in paths.TRITON_DTYPES:
+        assert paths.select_path(_config("auto", MOE), "topk", 2048, GPU_VALIDATED, dtype=ok).reason is None
+
+
+def test_each_fallback_reason_is_logged_once_per_process(monkeypatch, caplog) -> None:
+    """A validated GPU (faked: the PyTorch ops run on CPU): a float64 layer and Crab's per-expert dropout in training
+    each fall back to PyTorch, and each reason is logged once however many calls and layers meet it."""
+    monkeypatch.setattr(paths, "device_facts", lambda x: GPU_VALIDATED)
+    monkeypatch.setattr(paths, "_logged", set())
+    wide = ilora.Linear(torch.nn.Linear(8, 6).double(), "default", _config("auto", MOE)).double()
+    crab = [ilora.Linear(torch.nn.Linear(8, 6), "default", ilora.ILoraConfig.crab(target_modules=["q"])) for _ in "ab"]
+    with caplog.at_level(logging.WARNING, logger="ilora.paths"):
+        for _ in range(3):
+            wide(torch.randn(4, 8, dtype=torch.float64))
+            for layer in crab:
+                layer.train()(torch.randn(4, 8))
+    notes = [r.getMessage() for r in caplog.records if r.name == "ilora.paths"]
+    assert len(notes) == 2, notes
+    assert "no Triton kernel for float64" in notes[0] and "per-expert dropout" in notes[1]

@@ -104,7 +104,7 @@ class _ThreadValue(threading.local):
         self.value = default
 
 
-class _CompiledVisibleVar(Generic[_T]):
+class CompiledVisibleVar(Generic[_T]):
     """A ``ContextVar`` that ``torch.compile`` code reads without a graph break.
 
     Dynamo cannot trace ``ContextVar.get`` (a graph break at every routed layer), but it traces attribute reads of a
@@ -138,8 +138,8 @@ class _CompiledVisibleVar(Generic[_T]):
 
 
 # The default is frozen and holds no container: nothing can mutate it.
-_CALL: _CompiledVisibleVar[CallState] = _CompiledVisibleVar("ilora_call", CallState())
-_RECORDER: _CompiledVisibleVar[RoutingRecorder | None] = _CompiledVisibleVar("ilora_recorder", None)
+_CALL: CompiledVisibleVar[CallState] = CompiledVisibleVar("ilora_call", CallState())
+_RECORDER: CompiledVisibleVar[RoutingRecorder | None] = CompiledVisibleVar("ilora_recorder", None)
 # The sequence gates of the generation running in this thread or task: set on its prompt, read by its decode steps.
 _GENERATION: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("ilora_generation", default=None)
 

@@ -10,13 +10,13 @@ depth. A training call of an ILoRA model with labels adds it to the output's los
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .context import CompiledVisibleVar
 from .router import Gates, no_autocast
 
 
@@ -116,7 +116,7 @@ def _check_trainable(layer: nn.Module, name: str, stats: torch.Tensor) -> None:
 
 
 _reads = 0  # calls of aux_loss so far: ILoraModel warns once when a training call's statistics are never read
-_caller_adds = contextvars.ContextVar("ilora_caller_adds_aux_loss", default=False)
+_caller_adds = CompiledVisibleVar("ilora_caller_adds_aux_loss", False)  # read inside compiled models too
 
 
 @contextlib.contextmanager

@@ -31,12 +31,18 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
 
 
 def _add_loading_section(card: Path) -> None:
-    """Add ``LOADING_SECTION`` to the model card at ``card`` (created if absent), once; PEFT keeps an existing card's
-    text and adds its own metadata to it."""
+    """Put ``LOADING_SECTION`` at the top of the model card at ``card`` (created if absent), once: after its YAML
+    metadata block, before the long template PEFT writes, so a reader meets it first. PEFT keeps an existing card's
+    text and only updates its metadata."""
     text = card.read_text() if card.exists() else ""
     if LOADING_HEADING in text:
         return
-    card.write_text(f"{text.rstrip()}\n\n{LOADING_SECTION}" if text else LOADING_SECTION)
+    metadata, body = "", text
+    if text.startswith("---\n") and (end := text.find("\n---\n", 4)) != -1:
+        metadata, body = text[: end + 5], text[end + 5 :]
+    card.write_text(
+        f"{metadata}\n{LOADING_SECTION}\n{body.lstrip()}" if body.strip() else f"{metadata}{LOADING_SECTION}"
+    )
 
 
 def _bad(field_name: str, why: str) -> ValueError:

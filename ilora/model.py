@@ -216,11 +216,14 @@ class ILoraModel(BaseTuner):
         if self._warned_unused_stats:
             return
         self._warned_unused_stats = True
+        in_output = all(c.aux_loss_in_output for c in self.peft_config.values() if isinstance(c, ILoraConfig))
+        # With aux_loss_in_output=False, calling with labels adds nothing: do not suggest it.
+        with_labels = "call the model with labels (the losses are then added to its loss), " if in_output else ""
         warnings.warn(
-            "ILoRA router statistics for the balance/z losses were collected in training but never used: call the "
-            "model with labels (the losses are then added to its loss), add ilora.aux_loss(model) to your loss, "
-            "train with ilora.ILoraTrainer (or mix ilora.integrations.transformers.AuxLossMixin into your Trainer "
-            "class), or set balance_loss_coef and router_z_loss_coef to 0. This warning is shown once.",
+            f"ILoRA router statistics for the balance/z losses were collected in training but never used: "
+            f"{with_labels}add ilora.aux_loss(model) to your loss, train with ilora.ILoraTrainer (or mix "
+            "ilora.integrations.transformers.AuxLossMixin into your Trainer class), or set balance_loss_coef and "
+            "router_z_loss_coef to 0. This warning is shown once.",
             UserWarning,
             stacklevel=3,
         )

@@ -71,8 +71,10 @@ def test_the_loss_is_left_alone_without_labels_in_training_or_when_switched_off(
             torch.testing.assert_close(out.loss, model(**batch, labels=labels).loss)
 
 
-def test_statistics_never_read_warn_once() -> None:
-    model, batch = _model(aux_loss_in_output=False), _batch()
+@pytest.mark.parametrize("in_output", [True, False])
+def test_statistics_never_read_warn_once(in_output: bool) -> None:
+    model, batch = _model(aux_loss_in_output=in_output), _batch()
+    batch.pop("labels")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model(**batch)
@@ -80,9 +82,11 @@ def test_statistics_never_read_warn_once() -> None:
         model(**batch)
         model(**batch)  # the previous call's statistics were never read
         model(**batch)
-    unread = [w for w in seen if "never used" in str(w.message)]
+    unread = [str(w.message) for w in seen if "never used" in str(w.message)]
     assert len(unread) == 1
-    assert "ilora.ILoraTrainer" in str(unread[0].message) and "AuxLossMixin" in str(unread[0].message)
+    assert "ilora.ILoraTrainer" in unread[0] and "AuxLossMixin" in unread[0]
+    # Calling with labels only helps where the losses go into the output's loss.
+    assert ("call the model with labels" in unread[0]) == in_output
 
 
 def test_a_tuple_output_is_refused_by_name() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from peft import LoraConfig, PeftModelForCausalLM, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper as WRAPPER
@@ -178,3 +179,17 @@ def test_the_saved_model_card_says_how_to_install_without_a_placeholder_url(tmp_
     card = (tmp_path / "README.md").read_text()
     assert "import ilora" in card and "repository" in card
     assert "OWNER" not in card and "://" not in card  # no made-up address a reader would copy
+
+
+def test_the_loading_section_comes_first_in_peft_s_model_card(tmp_path) -> None:
+    """PEFT's card is YAML metadata, then a long template: the section goes right after the metadata, once."""
+    from peft import get_peft_model
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), ilora.ILoraConfig(target_modules=["0"]))
+    model.save_pretrained(str(tmp_path))
+    model.save_pretrained(str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n")
+    metadata_end = card.index("\n---\n", 4) + 5
+    assert card[metadata_end:].lstrip().startswith(ilora.config.LOADING_HEADING)
+    assert card.count(ilora.config.LOADING_HEADING) == 1 and len(card) > 2 * len(ilora.config.LOADING_SECTION)

@@ -67,8 +67,8 @@ class StopSignals:
         if self.received is None:
             self.received = name
             if _record(name) and self.announce:  # one rank says it
-                print(f"\n{name}: stopping {self.doing} after {self.after} (Ctrl-C again to exit at once)",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(f"\n{name}: stopping {self.doing} after {self.after} "
+                      "(Ctrl-C again, a second later, to exit at once)", file=sys.stderr, flush=True)  # fmt: skip
         elif signum == signal.SIGINT:
             _exit_now(name, self.grace_s)
 

@@ -13,7 +13,7 @@ from peft.config import PeftConfig
 
 from . import aux_losses, presets
 from ._peft import ensure_peft_type
-from .registry import resolve
+from .registry import BUILTIN_ROUTERS, resolve
 
 LOADING_HEADING = "## Loading this ILoRA adapter"
 LOADING_SECTION = f"""{LOADING_HEADING}
@@ -126,7 +126,10 @@ class ILoraConfig(PeftConfig):
         default="soft", metadata={"help": "'soft': every expert weighted; 'topk': the top_k experts, renormalized."}
     )
     top_k: int = field(default=2, metadata={"help": "Experts per token with routing='topk'."})
-    num_tasks: int | None = field(default=None, metadata={"help": "Number of task ids, required for router='task'."})
+    num_tasks: int | None = field(
+        default=None,
+        metadata={"help": "Number of task ids, required for router='task' (and available to a user's router)."},
+    )
     router_temperature: float = field(default=1.0, metadata={"help": "Router logits are divided by this."})
     balance_loss_coef: float = field(
         default=0.0, metadata={"help": "Weight of the load-balance loss (E * sum_e f_e P_e) in ilora.aux_loss."}
@@ -293,7 +296,8 @@ class ILoraConfig(PeftConfig):
             raise _bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.router == "task" and (self.num_tasks is None or self.num_tasks < 1):
             raise _bad("num_tasks", f"router='task' needs num_tasks >= 1, got {self.num_tasks!r}")
-        if self.router != "task" and self.num_tasks is not None:
+        # A user's registered router may route by task too (its constructor gets the config); ilora's others do not.
+        if self.router in BUILTIN_ROUTERS and self.router != "task" and self.num_tasks is not None:
             raise _bad("num_tasks", f"is only used with router='task' (router={self.router!r}); leave it unset")
         if self.router_temperature <= 0:
             raise _bad("router_temperature", f"must be positive, got {self.router_temperature!r}")

@@ -372,6 +372,7 @@ def link_router_groups(layers: list[ILoraLayer], adapter_name: str, groups: dict
     if unmatched:
         raise ValueError(f"ILoraConfig.router_groups: members {unmatched} match no adapted module of this model: "
                          "name modules adapted by target_modules (module name or path suffix)")  # fmt: skip
+    _refuse_groups_sharing_nothing(blocks, groups or {})
     for (group, _), members in blocks.items():
         (_, leader), *followers = sorted(members, key=lambda pair: pair[0])
         config = leader.ilora_config[adapter_name]
@@ -389,3 +390,17 @@ def link_router_groups(layers: list[ILoraLayer], adapter_name: str, groups: dict
             follower.router_group[adapter_name] = group
             if adapter_name in follower.ilora_router:
                 del follower.ilora_router[adapter_name]
+
+
+def _refuse_groups_sharing_nothing(blocks: dict[tuple[str, str], list], groups: dict[str, list[str]]) -> None:
+    """A group of several members none of which ever sit in one block would silently leave every module its own
+    router: refused, naming where its members were found."""
+    for group, members in groups.items():
+        found = [(prefix, len(layers)) for (name, prefix), layers in blocks.items() if name == group]
+        if len(members) > 1 and found and all(count == 1 for _, count in found):
+            raise ValueError(
+                f"ILoraConfig.router_groups: the members {members} of group {group!r} never sit in the same block "
+                f"(they were found under {sorted(prefix for prefix, _ in found)[:4]}), so no router would be shared: "
+                "a group shares one router among modules of one parent block, e.g. the q/k/v projections of one "
+                "attention layer"
+            )

@@ -515,11 +515,38 @@ def check_patterns(model: nn.Module, config: ILoraConfig) -> None:
             continue
         unused = [key for key in pattern if not any(re.match(rf"(.*\.)?(?:{key})$", name) for name in names)]
         if unused:
+            per_layer = _per_layer(pattern) is not None
+            hint = "; for ILoraConfig.mola(num_layers=...), give this model's number of layers" if per_layer else ""
             raise ValueError(
                 f"ILoraConfig.{field_name}: {len(unused)} of its {len(pattern)} keys match no module of this model, "
-                f"e.g. {unused[:3]}. Write the pattern for this model; for ILoraConfig.mola(num_layers=...), give "
-                "this model's number of layers."
+                f"e.g. {unused[:3]}. Write the pattern for this model{hint}."
             )
+        _refuse_layers_left_out(field_name, pattern, names)
+
+
+_LAYER_KEY = re.compile(r"layers\\\.(\d+)\\\.\.\*")  # a key naming one layer: r"layers\.7\..*"
+
+
+def _per_layer(pattern: dict) -> list[int] | None:
+    r"""The layer indices of a pattern whose keys each name one layer (``r"layers\.7\..*"``), else None."""
+    matches = [_LAYER_KEY.fullmatch(key) for key in pattern]
+    return sorted(int(m.group(1)) for m in matches) if matches and all(matches) else None
+
+
+def _refuse_layers_left_out(field_name: str, pattern: dict, names: list[str]) -> None:
+    r"""A per-layer pattern for layers 0..N-1 (N >= 2, as ``ILoraConfig.mola(num_layers=N)`` writes) on a deeper model
+    would silently give the layers it leaves out the config's default: refused, with the ways out."""
+    listed = _per_layer(pattern)
+    if listed is None or len(listed) < 2 or listed != list(range(len(listed))):
+        return
+    depth = 1 + max((int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))), default=-1)
+    if depth > len(listed):
+        raise ValueError(
+            f"ILoraConfig.{field_name} names layers 0..{len(listed) - 1} one by one, but this model has {depth} "
+            f"layers: layers {len(listed)}..{depth - 1} would get the config's default. Write the pattern for "
+            f"{depth} layers (ILoraConfig.mola(num_layers={depth})), or end it with a catch-all key "
+            "r'layers\\.\\d+\\..*' giving the other layers a value on purpose."
+        )
 
 
 def ilora_layers(model: nn.Module) -> list[ILoraLayer]:

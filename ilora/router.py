@@ -134,6 +134,8 @@ class TaskRouter(nn.Module):
                 + trainer_column_hint(TASK_IDS_KWARG)
             )
         rows = self.task_logits(ids)
+        if x.dim() >= 3:
+            rows = expanded_for_generation(rows, x.shape[0])
         tokens, n = math.prod(x.shape[:-1]), rows.shape[0]
         if n == 1:
             return rows.expand(tokens, -1)
@@ -196,6 +198,8 @@ def signal_rows(x: torch.Tensor, d_signal: int) -> torch.Tensor:
         if signal.shape[0] != tokens:
             raise _misaligned(signal, x, f"a 2-D signal needs one row per token ({tokens})")
         return signal
+    if x.dim() == 3:
+        signal = expanded_for_generation(signal, x.shape[0])
     if x.dim() != 3 or signal.shape[0] != x.shape[0]:
         raise _misaligned(signal, x, "a 3-D signal needs an input [batch, seq, d_in] of the same batch")
     n, seq, past = signal.shape[1], x.shape[1], state.past_length
@@ -209,6 +213,17 @@ def signal_rows(x: torch.Tensor, d_signal: int) -> torch.Tensor:
     else:
         raise _misaligned(signal, x, f"give {seq} rows (this call's tokens) or {past + seq} ({past} cached, {seq} new)")
     return rows.reshape(tokens, d_signal)
+
+
+def expanded_for_generation(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row routing inputs (task ids, a signal: ``[n, ...]``) lined up with a ``batch`` that ``generate`` expanded:
+    beam search and ``num_return_sequences`` repeat each prompt row ``batch // n`` times in a row (transformers'
+    ``_expand_inputs_for_generation``, ``repeat_interleave``), and so are the rows. Outside ``generate``, or when
+    ``batch`` is not a multiple of ``n``, the rows are returned as they are (the caller checks them)."""
+    n = rows.shape[0]
+    if not current_call().generating or n == batch or n == 0 or batch % n:
+        return rows
+    return rows.repeat_interleave(batch // n, dim=0)
 
 
 def _misaligned(signal: torch.Tensor, x: torch.Tensor, rule: str) -> ValueError:

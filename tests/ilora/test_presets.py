@@ -265,3 +265,17 @@ def test_a_pattern_written_for_another_depth_is_refused() -> None:
     custom = ilora.ILoraConfig(num_experts=4, target_modules=["q_proj"], num_experts_pattern={r"layers\.5\..*": 2})
     with pytest.raises(ValueError, match=r"1 of its 1 keys match no module"):
         get_peft_model(build("llama"), custom)
+
+
+def test_mola_written_for_fewer_layers_than_the_model_is_refused() -> None:
+    """mola(num_layers=4) on 8 layers would leave layers 4..7 at 8 experts: MoLA's 2-4-6-8 silently lost."""
+    with pytest.raises(ValueError, match=r"names layers 0\.\.3 one by one, but this model has 8 layers.*num_layers=8"):
+        get_peft_model(tiny_llama(8), ilora.ILoraConfig.mola(num_layers=4, r=2))
+    model = get_peft_model(tiny_llama(8), ilora.ILoraConfig.mola(num_layers=8, r=2))
+    counts = [m.ilora_config["default"].num_experts for m in ilora.ilora_layers(model) if "q_proj" in m.ilora_name]
+    assert counts == [2, 2, 4, 4, 6, 6, 8, 8]
+    # The way out for a deliberate default: a catch-all key, last.
+    pattern = {**ilora.ILoraConfig.mola(num_layers=4).num_experts_pattern, r"layers\.\d+\..*": 3}
+    model = get_peft_model(tiny_llama(8), ilora.ILoraConfig.mola(num_layers=4, r=2, num_experts_pattern=pattern))
+    assert [m.ilora_config["default"].num_experts for m in ilora.ilora_layers(model) if "q_proj" in m.ilora_name] == [
+        2, 4, 6, 8, 3, 3, 3, 3]  # fmt: skip

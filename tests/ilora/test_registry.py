@@ -207,3 +207,27 @@ def test_users_parts_returning_wrong_shapes_are_named(router, gate, match) -> No
     model = get_peft_model(build("mlp"), cfg)
     with pytest.raises(ValueError, match=match):
         model(torch.randn(2, 6, 13))
+
+
+class TaskBiasRouter(nn.Module):
+    """A user's task-aware router: token logits plus a learned bias per task id of the call."""
+
+    def __init__(self, d_in: int, num_experts: int, config: ilora.ILoraConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, num_experts, bias=False)
+        self.task_bias = nn.Parameter(torch.randn(config.num_tasks, num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = ilora.context.current_call().task_ids
+        bias = self.task_bias[ids].repeat_interleave(x.shape[1], dim=0)
+        return self.proj(x.reshape(-1, x.shape[-1])).float() + bias
+
+
+def test_a_users_router_can_take_num_tasks(scratch_registry) -> None:
+    ilora.register_router("task_bias", TaskBiasRouter)
+    config = ilora.ILoraConfig(r=2, num_experts=3, router="task_bias", num_tasks=4, target_modules=targets("llama"))
+    model = get_peft_model(build("llama"), config)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.ilora_router["default"].task_bias.shape == (4, 3)
+    model(**example_input("llama"), ilora_task_ids=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match=r"num_tasks: is only used with router='task'"):
+        ilora.ILoraConfig(router="token", num_tasks=4)

@@ -291,3 +291,11 @@ def test_export_averages_a_follower_by_its_leaders_routing() -> None:
     export = ilora.export_to_lora(pm, calibration, example_input("llama", seed=99))
     assert "model.layers.0.self_attn.k_proj" in export.config.target_modules
     assert export.relative_error < 1e-5
+
+
+def test_a_group_whose_members_never_share_a_block_is_refused() -> None:
+    """q_proj sits in self_attn, up_proj in mlp: accepted, such a group would give every module its own router."""
+    config = ilora.ILoraConfig(r=2, num_experts=2, target_modules=["q_proj", "up_proj"],
+                               router_groups={"x": ["q_proj", "up_proj"]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"group 'x' never sit in the same block.*self_attn"):
+        get_peft_model(build("llama"), config)

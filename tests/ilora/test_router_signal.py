@@ -279,3 +279,30 @@ def test_the_rows_rule_uses_the_stated_rows_or_refuses(batch, seq, past, extra, 
                 torch.testing.assert_close(signal_rows(x, D_SIGNAL), expected.reshape(-1, D_SIGNAL), rtol=0, atol=0)
         finally:
             context.exit_call(owner)
+
+
+@pytest.mark.parametrize("expand", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)])
+@pytest.mark.parametrize("router", ["signal", "task"])
+def test_generate_expands_per_row_routing_inputs_as_it_expands_the_batch(router: str, expand: dict) -> None:
+    """Beam search and num_return_sequences repeat each prompt row (transformers' ``_expand_inputs_for_generation``,
+    ``repeat_interleave``); the per-row task ids and signal follow, so the result equals giving them expanded."""
+    options = dict(router="task", num_tasks=3, router_signal_dim=None) if router == "task" else {}
+    pm = make(routing="topk", top_k=2, **options).eval()
+    inputs = example_input("llama")
+    steps = 3
+    per_row = torch.tensor([2, 0]) if router == "task" else signal(2, 7 + steps)
+    key = "ilora_task_ids" if router == "task" else "ilora_router_inputs"
+    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, **expand)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        given = pm.generate(**inputs, **{key: per_row}, **kwargs)
+        expanded = {k: v.repeat_interleave(2, 0) for k, v in inputs.items()}
+        plain = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "num_beams")}
+        if "num_beams" in expand:  # beams of an expanded batch are not the same search: compare the expansion rule
+            torch.manual_seed(0)
+            by_hand = pm.generate(**inputs, **{key: per_row.repeat_interleave(2, 0)}, **kwargs)
+            assert torch.equal(given, by_hand)  # the already expanded inputs are taken as they are
+        else:
+            torch.manual_seed(0)
+            by_hand = pm.generate(**expanded, **{key: per_row.repeat_interleave(2, 0)}, **plain)
+            assert torch.equal(given, by_hand)

@@ -75,7 +75,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
-    """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
+    """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots; holds
+    ``out`` throughout (``crabplus.folder_lock``)."""
+    from crabplus.folder_lock import hold_folder
+
+    with hold_folder(out):
+        return _demo(cfg, out, progress)
+
+
+def _demo(cfg: RunConfig, out: Path, progress: bool) -> dict:
+    """``demo`` once ``out`` is held."""
     import torch
 
     from crabplus.data.synth import synthesize
@@ -182,11 +191,19 @@ def _run(args: argparse.Namespace) -> int:
         if ran["train"].interrupted:
             return _interrupted(ran["train"])
         return _evaluation_interrupted(ran["eval"]) if ran["eval"].interrupted else 0
+    from crabplus.folder_lock import hold_folder
+
+    with hold_folder(cfg.train.out):  # refused before torch is imported (train holds it again, as one hold)
+        return _train(cfg, args.stop_after, progress)
+
+
+def _train(cfg: RunConfig, stop_after: int | None, progress: bool) -> int:
+    """``crabplus train`` once the run folder is held: train, then report from rank 0."""
     import torch
 
     from crabplus.train import loss_summary, train
 
-    result = train(cfg, stop_after=args.stop_after, progress=progress)
+    result = train(cfg, stop_after=stop_after, progress=progress)
     if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
         main_rank = torch.distributed.get_rank() == 0
         torch.distributed.destroy_process_group()

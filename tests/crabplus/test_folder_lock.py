@@ -93,13 +93,28 @@ def test_commands_refuse_a_held_folder_before_writing(tmp_path, capsys, command,
         assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written
 
 
-def test_evaluate_refuses_a_held_evaluation_folder(tiny_data, tmp_path):  # noqa: F811
+def test_a_failed_block_leaves_no_folder_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError), hold_folder(tmp_path / "kept" / "eval" / "step-000001"):
+        raise ValueError("a damaged checkpoint")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with pytest.raises(ValueError), hold_folder(tmp_path / "kept"):
+        raise ValueError("a damaged checkpoint")
+    assert (tmp_path / "kept").is_dir()  # not created by the failed call
+
+
+def test_evaluate_refuses_a_held_evaluation_folder(tiny_data, tmp_path, monkeypatch):  # noqa: F811
     cfg = run_config(tiny_data, tmp_path, max_steps=1)
     train(cfg, progress=False)
     out = tmp_path / "eval" / "step-000001"
+    import crabplus.evaluate as ev
+
+    loaded, load = [], ev.load_trained
+    monkeypatch.setattr(ev, "load_trained", lambda *a: loaded.append(a) or load(*a))
     with held_by_another_process(out) as holder:
         with pytest.raises(FolderInUse) as err:
             evaluate(cfg, progress=False)
+        assert not loaded  # refused before the model loads
         _assert_refusal(str(err.value), out, holder.pid)
         assert [p.name for p in out.iterdir()] == [LOCK_FILE]
     assert (evaluate(cfg, progress=False).out_dir / "predictions.jsonl").is_file()  # the lock file is no obstacle

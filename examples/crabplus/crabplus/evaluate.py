@@ -344,9 +344,9 @@ def evaluate(
     samples, not_evaluated = eval_samples(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.train.out) / "eval" / (ckpt.name if ckpt else "model")
     provenance = _provenance(cfg, ckpt, list(samples))
-    if ckpt is not None:  # a damaged checkpoint is refused before anything is written
-        model, processor = load_trained(cfg, ckpt)
-    with hold_folder(out):  # one evaluation writes into a folder at a time
+    with hold_folder(out):  # one evaluation writes into a folder at a time; refused before the model loads
+        if ckpt is not None:  # a damaged checkpoint is refused before anything is written (hold_folder removes out)
+            model, processor = load_trained(cfg, ckpt)
         resume = claim_out_dir(out, provenance, overwrite)
         try:
             return _evaluate_into(out, cfg, model, processor, samples, not_evaluated, provenance, resume, progress)

@@ -48,7 +48,8 @@ def hold_folder(folder: str | Path, command: str | None = None) -> Iterator[Path
 
     Raises ``FolderInUse`` at once (never waits) when another process holds it. ``command``: what the lock file
     records beside the pid (default: this process's command line). On a non-zero DDP rank (``RANK``) and when this
-    process already holds ``folder``, holds nothing more.
+    process already holds ``folder``, holds nothing more. A block that raises leaves no folder behind that this call
+    created and that holds nothing but the lock file.
     """
     folder = Path(folder)
     key = folder.resolve()
@@ -57,7 +58,7 @@ def hold_folder(folder: str | Path, command: str | None = None) -> Iterator[Path
         return
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"--out: {folder} is a file, not a folder")
-    created = not folder.exists()
+    created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
     folder.mkdir(parents=True, exist_ok=True)
     fd = _lock(folder)
     ok = False
@@ -70,11 +71,23 @@ def hold_folder(folder: str | Path, command: str | None = None) -> Iterator[Path
             ok = True
         finally:
             _HELD.discard(key)
-            if not ok and created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                (folder / LOCK_FILE).unlink()  # a refused run leaves no folder behind (still holding the lock)
-                folder.rmdir()
+            if not ok and created is not None and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                _remove(folder, created)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove(folder: Path, created: Path) -> None:
+    """Remove ``folder``'s lock file (still locked), ``folder`` and its parents up to ``created`` while empty: a
+    command that failed leaves no folder it created behind."""
+    (folder / LOCK_FILE).unlink()
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()
+        except OSError:  # another process wrote into it meanwhile
+            return
+        if path == created:
+            return
 
 
 def _lock(folder: Path) -> int:

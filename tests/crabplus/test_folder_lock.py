@@ -53,7 +53,7 @@ def test_a_held_folder_refuses_a_second_process_at_once(tmp_path):
         began = time.perf_counter()
         with pytest.raises(FolderInUse) as err, hold_folder(run):
             pass
-        assert time.perf_counter() - began < 1.0  # refused, not waited for
+        assert time.perf_counter() - began < 10  # refused, not waited for (the holder holds until it is killed)
         _assert_refusal(str(err.value), run, holder.pid)
     with hold_folder(run) as folder:  # released with its holder
         assert folder == run

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,11 +130,6 @@ def _already_trained(result) -> str:
             "nothing to train")  # fmt: skip
 
 
-def _check_out(path: Path | None) -> None:
-    if path is not None and path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out: {path} is a file, not a folder")
-
-
 def _interrupted(result) -> int:
     """The one line an interrupted run prints; the exit status of the signal."""
     print(f"crabplus: {result.interrupted} at step {result.steps[-1] if result.steps else '?'} of "
@@ -159,11 +155,18 @@ _KEPT = {
 }
 
 
+def _holding(out: Path | None) -> AbstractContextManager:
+    """The lock of ``--out`` (``crabplus.folder_lock``), taken before the config is read or torch imported, so a
+    second command on a folder in use is refused at once; the command's own hold of that folder is then no more."""
+    from crabplus.folder_lock import hold_folder
+
+    return hold_folder(out) if out is not None else nullcontext()
+
+
 def _run(args: argparse.Namespace) -> int:
     from crabplus.config import load_config
 
     progress = not args.quiet
-    _check_out(getattr(args, "out", None))
     if args.command == "transfer":
         from crabplus.transfer import TransferRunConfig, run_transfer
 
@@ -230,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         command_signals()
     try:
-        return _run(args)
+        with _holding(getattr(args, "out", None)):
+            return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2

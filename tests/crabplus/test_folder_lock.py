@@ -118,3 +118,18 @@ def test_evaluate_refuses_a_held_evaluation_folder(tiny_data, tmp_path, monkeypa
         _assert_refusal(str(err.value), out, holder.pid)
         assert [p.name for p in out.iterdir()] == [LOCK_FILE]
     assert (evaluate(cfg, progress=False).out_dir / "predictions.jsonl").is_file()  # the lock file is no obstacle
+
+
+def test_a_torchrun_job_on_a_held_folder_is_refused_by_rank_0_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "crabplus.launch", "--standalone", "--nproc_per_node=2"]
+    with held_by_another_process(out) as holder:
+        job = subprocess.run([*launcher, "-m", "crabplus", "train", "--config", str(CONFIGS / "tiny.yaml"), "--out",
+                              str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert job.returncode == 2, job.stderr
+        refusals = [line for line in job.stderr.splitlines() if "is in use by another process" in line]
+        assert len(refusals) == 1, job.stderr  # rank 0 alone holds (and is refused)
+        _assert_refusal(refusals[0], out, holder.pid)
+        assert "Traceback" not in job.stderr and "crabplus launch: worker rank(s) [0, 1]" in job.stderr, job.stderr
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]

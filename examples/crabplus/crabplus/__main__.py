@@ -10,7 +10,8 @@
 Every command takes ``--set section.key=value`` (repeatable) to override a config field. Errors are one line on
 stderr naming what is wrong, with exit status 2; an interrupted run (SIGINT, SIGTERM) saves a checkpoint, says where
 it stopped and exits with 128 + the signal number. Nothing heavy (torch, transformers, PEFT) is imported before the
-arguments are parsed, so ``--help`` and argument errors answer at once.
+arguments are parsed, so ``--help`` and argument errors answer at once. A run, evaluation or transfer folder being
+written by another command is refused the same way (``crabplus.folder_lock``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 Every command takes ``--set section.key=value`` (repeatable) to override a config field. Errors are one line on
 stderr naming what is wrong, with exit status 2; an interrupted run (SIGINT, SIGTERM) saves a checkpoint, says where
 it stopped and exits with 128 + the signal number. Nothing heavy (torch, transformers, PEFT) is imported before the
-arguments are parsed, so ``--help`` and argument errors answer at once.
+arguments are parsed, so ``--help`` and argument errors answer at once. A run, evaluation or transfer folder being
+written by another command is refused the same way (``crabplus.folder_lock``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,7 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def demo(cfg: RunConfig, out: Path, progress: bool = True) -> dict:
-    """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots."""
+    """Generate the synthetic dataset under ``out/data``, train, evaluate, print the table, write the plots; holds
+    ``out`` throughout (``crabplus.folder_lock``)."""
+    from crabplus.folder_lock import hold_folder
+
+    with hold_folder(out):
+        return _demo(cfg, out, progress)
+
+
+def _demo(cfg: RunConfig, out: Path, progress: bool) -> dict:
+    """``demo`` once ``out`` is held."""
     import torch
 
     from crabplus.data.synth import synthesize
@@ -120,11 +131,6 @@ def _already_trained(result) -> str:
             "nothing to train")  # fmt: skip
 
 
-def _check_out(path: Path | None) -> None:
-    if path is not None and path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out: {path} is a file, not a folder")
-
-
 def _interrupted(result) -> int:
     """The one line an interrupted run prints; the exit status of the signal."""
     print(f"crabplus: {result.interrupted} at step {result.steps[-1] if result.steps else '?'} of "
@@ -150,11 +156,18 @@ _KEPT = {
 }
 
 
+def _holding(out: Path | None) -> AbstractContextManager:
+    """The lock of ``--out`` (``crabplus.folder_lock``), taken before the config is read or torch imported, so a
+    second command on a folder in use is refused at once; the command's own hold of that folder is then no more."""
+    from crabplus.folder_lock import hold_folder
+
+    return hold_folder(out) if out is not None else nullcontext()
+
+
 def _run(args: argparse.Namespace) -> int:
     from crabplus.config import load_config
 
     progress = not args.quiet
-    _check_out(getattr(args, "out", None))
     if args.command == "transfer":
         from crabplus.transfer import TransferRunConfig, run_transfer
 
@@ -182,11 +195,19 @@ def _run(args: argparse.Namespace) -> int:
         if ran["train"].interrupted:
             return _interrupted(ran["train"])
         return _evaluation_interrupted(ran["eval"]) if ran["eval"].interrupted else 0
+    from crabplus.folder_lock import hold_folder
+
+    with hold_folder(cfg.train.out):  # refused before torch is imported (train holds it again, as one hold)
+        return _train(cfg, args.stop_after, progress)
+
+
+def _train(cfg: RunConfig, stop_after: int | None, progress: bool) -> int:
+    """``crabplus train`` once the run folder is held: train, then report from rank 0."""
     import torch
 
     from crabplus.train import loss_summary, train
 
-    result = train(cfg, stop_after=args.stop_after, progress=progress)
+    result = train(cfg, stop_after=stop_after, progress=progress)
     if torch.distributed.is_initialized():  # torchrun / accelerate launch: one report, from rank 0
         main_rank = torch.distributed.get_rank() == 0
         torch.distributed.destroy_process_group()
@@ -213,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         command_signals()
     try:
-        return _run(args)
+        with _holding(getattr(args, "out", None)):
+            return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"crabplus {args.command}: error: {exc}", file=sys.stderr)
         return 2

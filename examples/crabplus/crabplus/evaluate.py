@@ -41,6 +41,7 @@ from crabplus.config import RunConfig, config_dict
 from crabplus.data.batches import open_split
 from crabplus.data.media import read_mask
 from crabplus.distributed import resolve_device
+from crabplus.folder_lock import LOCK_FILE, hold_folder
 from crabplus.generate import predict
 from crabplus.interface import Prediction
 from crabplus.interrupt import StopSignals
@@ -242,7 +243,7 @@ def claim_out_dir(out: Path, provenance: dict, overwrite: bool = False) -> bool:
         raise FileExistsError(f"--out: {out} is a file, not a folder")
     record = out / "eval.json"
     resume = False
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         if not record.is_file():
             raise FileExistsError(f"{out} already holds files that are not an evaluation; use another --out")
         before = json.loads(record.read_text())
@@ -343,14 +344,16 @@ def evaluate(
     samples, not_evaluated = eval_samples(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.train.out) / "eval" / (ckpt.name if ckpt else "model")
     provenance = _provenance(cfg, ckpt, list(samples))
-    if ckpt is not None:  # a damaged checkpoint is refused before anything is written
-        model, processor = load_trained(cfg, ckpt)
-    resume = claim_out_dir(out, provenance, overwrite)
-    try:
-        return _evaluate_into(out, cfg, model, processor, samples, not_evaluated, provenance, resume, progress)
-    except BaseException as exc:  # the folder says why it holds no results (the same call continues it)
-        _write_record(out, {"provenance": provenance, "complete": False, "failed": f"{type(exc).__name__}: {exc}"})
-        raise
+    with hold_folder(out):  # one evaluation writes into a folder at a time; refused before the model loads
+        if ckpt is not None:  # a damaged checkpoint is refused before anything is written (hold_folder removes out)
+            model, processor = load_trained(cfg, ckpt)
+        resume = claim_out_dir(out, provenance, overwrite)
+        try:
+            return _evaluate_into(out, cfg, model, processor, samples, not_evaluated, provenance, resume, progress)
+        except BaseException as exc:  # the folder says why it holds no results (the same call continues it)
+            failed = f"{type(exc).__name__}: {exc}"
+            _write_record(out, {"provenance": provenance, "complete": False, "failed": failed})
+            raise
 
 
 def _evaluate_into(

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"crabplus launch: workers stopped by {' and '.join(_STOPPED[c] for c in codes)} with a checkpoint; "
                   "run the same command to resume", file=sys.stderr)  # fmt: skip
             return codes[0]
-        ranks = sorted(f.rank for f in exc.failures.values())
+        ranks = sorted(exc.failures)  # keyed by global rank (a ProcessFailure has only local_rank)
         print(f"crabplus launch: worker rank(s) {ranks} failed with exit status {codes} (their errors are above)",
               file=sys.stderr)  # fmt: skip
         return next((c for c in codes if c > 0), 1)

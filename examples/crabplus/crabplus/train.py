@@ -34,6 +34,7 @@ from crabplus.config import RunConfig, config_dict, describe_changes, resume_dif
 from crabplus.data.avuie import LoadReport
 from crabplus.data.batches import BatchCollator, open_split
 from crabplus.distributed import World, build_engine, deepspeed_config, init_world, rank_batches, resolve_strategy
+from crabplus.folder_lock import hold_folder
 from crabplus.interrupt import StopSignals
 from crabplus.models import build_model
 
@@ -389,7 +390,8 @@ class Trainer:
 def train(cfg: RunConfig, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) the run ``cfg.train.out`` on this process, or as one rank of a ``torchrun`` /
     ``accelerate launch`` job; ``stop_after`` ends after that step with a checkpoint, as an interruption would."""
-    return Trainer(cfg, progress).setup().train(stop_after)
+    with hold_folder(cfg.train.out):  # one job writes into a run folder at a time
+        return Trainer(cfg, progress).setup().train(stop_after)
 
 
 def loss_summary(losses: Sequence[float], window: int = 10) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from crabplus.config import RunConfig
+from crabplus.folder_lock import hold_folder
 from crabplus.tasks import get_task
 
 LOWER_IS_BETTER = ("s_metric",)
@@ -131,14 +132,19 @@ def _run_config(cfg: TransferRunConfig, adapter: str, tasks: list[str], name: st
 
 def run_transfer(cfg: TransferRunConfig, progress: bool = True) -> list[TransferRow]:
     """Train and score every (adapter, single task | all tasks) run, then write the transfer table and plots.
-    Finished runs are kept: running again resumes and re-scores."""
+    Finished runs are kept: running again resumes and re-scores. Holds ``transfer.out`` (``crabplus.folder_lock``)."""
+    with hold_folder(cfg.transfer.out):  # one transfer writes into its folder at a time
+        return _run_transfer(cfg, Path(cfg.transfer.out), progress)
+
+
+def _run_transfer(cfg: TransferRunConfig, out: Path, progress: bool) -> list[TransferRow]:
+    """``run_transfer`` once ``out`` is held."""
     from crabplus.data.synth import synthesize
     from crabplus.evaluate import evaluate
     from crabplus.interrupt import Interrupted
     from crabplus.plots import plot_router_usage
     from crabplus.train import loss_summary, train
 
-    out = Path(cfg.transfer.out)
     if cfg.transfer.synthesize:
         synthesize(cfg, out / "data")
     tasks = cfg.subsets()

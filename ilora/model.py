@@ -121,6 +121,20 @@ class ILoraModel(BaseTuner):
         to generate: ``N >= prompt length + max_new_tokens``; see ``ilora.router.SignalRouter``) routing every step."""
         if self._model_generate is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate method")
+        prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+            # generate may repeat each prompt row (beams, num_return_sequences) and the routers then repeat the
+            # per-row inputs alike (router.expanded_for_generation): rows for another batch must not pass as that.
+            ids = None if ilora_task_ids is None else context.as_task_tensor(ilora_task_ids)
+            signal = ilora_router_inputs if isinstance(ilora_router_inputs, torch.Tensor) else None
+            for name, rows in ((TASK_IDS_KWARG, ids), (ROUTER_INPUTS_KWARG, signal)):
+                if (
+                    rows is not None
+                    and rows.dim() == (1 if rows is ids else 3)
+                    and rows.shape[0] not in (1, len(prompt))
+                ):
+                    raise ValueError(f"generate: {name} has {rows.shape[0]} rows for a prompt of {len(prompt)} rows: "
+                                     "give one per prompt row (or one for all)")  # fmt: skip
         with routing_context(task_ids=ilora_task_ids, router_inputs=ilora_router_inputs, generating=True):
             return self._model_generate(*args, **kwargs)
 

@@ -285,7 +285,8 @@ def test_the_rows_rule_uses_the_stated_rows_or_refuses(batch, seq, past, extra, 
 @pytest.mark.parametrize("router", ["signal", "task"])
 def test_generate_expands_per_row_routing_inputs_as_it_expands_the_batch(router: str, expand: dict) -> None:
     """Beam search and num_return_sequences repeat each prompt row (transformers' ``_expand_inputs_for_generation``,
-    ``repeat_interleave``); the per-row task ids and signal follow, so the result equals giving them expanded."""
+    ``repeat_interleave``); the per-row task ids and signal follow: beams equal each row generated alone, sampled
+    sequences equal a prompt and inputs expanded by hand."""
     options = dict(router="task", num_tasks=3, router_signal_dim=None) if router == "task" else {}
     pm = make(routing="topk", top_k=2, **options).eval()
     inputs = example_input("llama")
@@ -296,13 +297,26 @@ def test_generate_expands_per_row_routing_inputs_as_it_expands_the_batch(router:
     with torch.no_grad():
         torch.manual_seed(0)
         given = pm.generate(**inputs, **{key: per_row}, **kwargs)
-        expanded = {k: v.repeat_interleave(2, 0) for k, v in inputs.items()}
-        plain = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "num_beams")}
-        if "num_beams" in expand:  # beams of an expanded batch are not the same search: compare the expansion rule
-            torch.manual_seed(0)
-            by_hand = pm.generate(**inputs, **{key: per_row.repeat_interleave(2, 0)}, **kwargs)
-            assert torch.equal(given, by_hand)  # the already expanded inputs are taken as they are
+        if "num_beams" in expand:  # a beam search over an expanded batch is another search: each prompt row alone
+            for i in range(2):
+                alone = pm.generate(**{k: v[i : i + 1] for k, v in inputs.items()}, **{key: per_row[i : i + 1]},
+                                    **kwargs)  # fmt: skip
+                assert torch.equal(given[i, -steps:], alone[0, -steps:])
         else:
+            expanded = {k: v.repeat_interleave(2, 0) for k, v in inputs.items()}
+            plain = {k: v for k, v in kwargs.items() if k != "num_return_sequences"}
             torch.manual_seed(0)
             by_hand = pm.generate(**expanded, **{key: per_row.repeat_interleave(2, 0)}, **plain)
             assert torch.equal(given, by_hand)
+
+
+@pytest.mark.parametrize("router", ["signal", "task"])
+def test_generate_refuses_per_row_inputs_of_another_prompt_batch(router: str) -> None:
+    """A 4-row prompt given 2 rows is a mistake, not an expansion: only generate's own expansion repeats rows."""
+    options = dict(router="task", num_tasks=3, router_signal_dim=None) if router == "task" else {}
+    pm = make(**options).eval()
+    prompt = {k: v.repeat(2, 1) for k, v in example_input("llama").items()}  # 4 rows
+    per_row = torch.tensor([2, 0]) if router == "task" else signal(2, 7 + 2)
+    key = "ilora_task_ids" if router == "task" else "ilora_router_inputs"
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{key} has 2 rows for a prompt of 4"):
+        pm.generate(**prompt, **{key: per_row}, max_new_tokens=2, pad_token_id=0)

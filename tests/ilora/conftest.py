@@ -19,17 +19,17 @@ class TinyMLP(nn.Module):
         return self.fc_out(torch.tanh(self.fc_mid(torch.tanh(self.fc_in(x)))))
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     return LlamaForCausalLM(cfg)
 
 
-def tiny_qwen2() -> Qwen2ForCausalLM:
+def tiny_qwen2(layers: int = 2) -> Qwen2ForCausalLM:
     cfg = Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     return Qwen2ForCausalLM(cfg)

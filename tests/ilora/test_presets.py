@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import ilora
 
+from . import conftest
 from .conftest import build, example_input, output
 
 PRESETS = ("hydralora", "mixlora", "loramoe", "mola")
@@ -23,9 +24,7 @@ PRESETS = ("hydralora", "mixlora", "loramoe", "mola")
 
 def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return conftest.tiny_llama(layers).eval()
 
 
 def preset(name: str, **overrides) -> ilora.ILoraConfig:

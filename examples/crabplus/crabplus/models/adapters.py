@@ -12,14 +12,14 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
 from peft import LoraConfig
 from torch import nn
 
 import ilora
 
-from .config import AdapterKind, PartMode
+from .config import AdapterKind, PartMode, PresetName
 
 PART_MODES: tuple[str, ...] = get_args(PartMode)
 
@@ -43,7 +43,7 @@ class AdapterSettings:
     """Adapter hyperparameters; ``None`` keeps the preset's value (``ilora.presets.crabplus`` / ``crab``: targets,
     r, alpha, dropout, experts)."""
 
-    preset: Literal["crabplus", "crab"] = "crabplus"
+    preset: PresetName = "crabplus"
     r: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 PartMode = Literal["frozen", "ilora", "full"]
 AdapterKind = Literal["ilora", "lora", "none"]
+PresetName = Literal["crabplus", "crab"]  # ILoraConfig.crabplus() / .crab()
 
 _DEFAULT_MODES = {
     "omni": {"llm": "ilora", "audio": "ilora", "vision": "ilora"},
@@ -52,7 +53,7 @@ class ModelConfig:
     vision: PartMode | None = None
     projector: PartMode | None = None
     """Modular only: ``"frozen"`` or ``"full"``."""
-    preset: Literal["crabplus", "crab"] | None = None
+    preset: PresetName | None = None
     """Adapter preset; default ``crabplus`` for omni, ``crab`` for modular."""
     r: int | None = None
     lora_alpha: float | None = None
